@@ -1,0 +1,885 @@
+"""
+RadJEPA in one file: I-JEPA pretraining of a Vision Transformer on chest X-rays.
+
+Paper: "RadJEPA: Radiology Encoder for Chest X-Rays via Joint Embedding Predictive Architecture" (arXiv 2601.15891),
+built on I-JEPA (Assran et al., arXiv 2301.08243). The idea in four lines:
+  1. a *target encoder* (an EMA copy of the encoder, no gradients) embeds the whole image -> one feature per patch;
+  2. the *encoder* sees only a large "context" block of patches, with every target patch removed;
+  3. a narrow *predictor* gets the context features plus learned mask tokens at the positions of 4 target blocks,
+     and predicts the target encoder's (layer-normed) features there;
+  4. smooth-L1 between prediction and target, backprop into encoder + predictor, EMA the encoder into the target.
+No labels, no text, no pixel reconstruction.
+
+What this file does differently from the official I-JEPA code (see ../shared/docs/jepa-recipe.md):
+  * masks are sampled per image (scale and aspect drawn independently, every patch row/column reachable), and
+    sequences are *packed*: every sampled context patch is encoded and every target patch predicted. The official
+    code truncates every mask to the batch minimum, throwing away ~37% of context patches at batch 128.
+  * exact resume (schedules and data are pure functions of the step), atomic checkpoints, torchrun without SLURM.
+
+Run:   python radjepa.py --data cxr/                        (a folder of images, or a data_prep.py folder)
+       python radjepa.py --data cxr/ --resume               (continue exactly where OUT/ckpt.pt stopped)
+       torchrun --nproc_per_node=8 radjepa.py --data cxr/   (DDP; same global batch, same schedules)
+Import: from radjepa import load_encoder, sample_masks, ViT, Predictor   (importing starts nothing)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one typed dataclass; argparse is generated from it, so every field is a flag with its help text.
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- data ---
+    data: str = opt("", "folder of images (read recursively: PNG/JPEG/BMP/TIFF, 8/16-bit) or a data_prep.py folder "
+                        "(then only its split==train images are used, so probes never see pretraining test images)")
+    out: str = opt("out", "output folder: ckpt.pt, log.jsonl, config.json, masks.png, loss.png")
+    img_size: int = opt(224, "training resolution (square crops); any multiple of --patch")
+    crop_scale: tuple = opt((0.3, 1.0), "random-resized-crop area range (I-JEPA: 0.3 1.0). No flips: laterality matters")
+    workers: int = opt(4, "data-loading worker processes (0 = load in the main process)")
+    # --- model ---
+    model: str = opt("vit_base", "preset: vit_tiny | vit_small | vit_base | vit_large (RadJEPA: vit_base, patch 14)")
+    patch: int = opt(14, "patch size in pixels (14 or 16 usually)")
+    width: int = opt(768, "encoder width (set by --model unless given)")
+    depth: int = opt(12, "encoder depth (set by --model unless given)")
+    heads: int = opt(12, "attention heads, encoder and predictor (set by --model unless given)")
+    pred_width: int = opt(384, "predictor width: narrow, as in I-JEPA")
+    pred_depth: int = opt(6, "predictor depth (set by --model unless given)")
+    # --- multi-block masking (I-JEPA values) ---
+    n_targets: int = opt(4, "target blocks per image")
+    tgt_scale: tuple = opt((0.15, 0.2), "area of each target block, as a fraction of the patch grid")
+    tgt_aspect: tuple = opt((0.75, 1.5), "aspect ratio (height/width) range of target blocks")
+    ctx_scale: tuple = opt((0.85, 1.0), "area of the context block before the targets are removed from it")
+    min_ctx: int = opt(10, "resample an image's masks when fewer context patches than this remain")
+    # --- optimisation: every schedule is a pure function of the step ---
+    batch_size: int = opt(128, "GLOBAL batch size (split over torchrun processes)")
+    steps: int = opt(10000, "total optimisation steps (schedules are defined over these)")
+    warmup: int = opt(500, "linear LR warmup steps, from --start-lr to --lr")
+    start_lr: float = opt(2e-4, "LR at step 0")
+    lr: float = opt(1e-3, "peak LR, reached after warmup, then cosine decay")
+    final_lr: float = opt(1e-6, "LR at the last step")
+    wd: float = opt(0.04, "weight decay at step 0 (never applied to biases, norms and other 1-D params)")
+    final_wd: float = opt(0.4, "weight decay at the last step (cosine increase, as in I-JEPA)")
+    ema: float = opt(0.996, "EMA momentum of the target encoder at step 0")
+    final_ema: float = opt(1.0, "EMA momentum at the last step (linear increase)")
+    clip: float = opt(0.0, "clip the gradient norm to this (0 = off, as in I-JEPA; V-JEPA uses 10)")
+    # --- system ---
+    device: str = opt("auto", "auto | cuda | cpu (auto picks cuda when available); bf16 autocast on cuda, fp32 on cpu")
+    kernels: str = opt("auto", "auto | torch | triton: attention/gather implementation. auto = Triton on CUDA when it "
+                               "imports, else PyTorch. Asking for triton where it cannot run is an error")
+    compile: bool = opt(False, "torch.compile the encoder and predictor (dynamic shapes: sequence lengths vary)")
+    seed: int = opt(0, "seed for init, data order, augmentation and masks")
+    resume: bool = opt(False, "continue from OUT/ckpt.pt: flags you pass override its config, the rest come from it")
+    stop_at: int = opt(0, "checkpoint and stop at this step (0 = run to --steps); e.g. to split a run into job slots")
+    log_every: int = opt(10, "steps between log lines (and log.jsonl records)")
+    ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
+
+
+# Presets: (width, depth, heads, predictor depth). Sizes as in the official ViT/I-JEPA code.
+PRESETS = {
+    "vit_tiny":  dict(width=192, depth=12, heads=3, pred_depth=6),
+    "vit_small": dict(width=384, depth=12, heads=6, pred_depth=6),
+    "vit_base":  dict(width=768, depth=12, heads=12, pred_depth=6),
+    "vit_large": dict(width=1024, depth=24, heads=16, pred_depth=12),
+}
+# Fields whose change on --resume would not break the run (the others define the model, data or schedules).
+RUN_FIELDS = {"data", "out", "workers", "device", "kernels", "compile", "resume", "stop_at", "log_every", "ckpt_every"}
+
+
+def parse_args(argv=None):
+    """argv -> dict of the flags actually given (field name -> value). `--data cxr/` and `--data=cxr/` both work."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"] + f" (default: {f.default})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=h)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=float, nargs=2, metavar=("LO", "HI"), help=h)
+        else:
+            p.add_argument(flag, type=type(f.default), help=h)
+    given = vars(p.parse_args(argv))  # SUPPRESS: only the flags actually passed appear here
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    return given
+
+
+def make_config(given, base=None):
+    """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line."""
+    cfg = dict(base) if base else asdict(Config())
+    model = given.get("model", cfg["model"])
+    if model not in PRESETS:
+        raise SystemExit(f"error: --model {model!r} is not one of {', '.join(PRESETS)}")
+    if base is None or "model" in given:
+        cfg.update(PRESETS[model])
+    cfg.update(given)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    if cfg.img_size % cfg.patch:
+        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
+    if cfg.width % cfg.heads or cfg.pred_width % cfg.heads or cfg.width % 4 or cfg.pred_width % 4:
+        raise SystemExit("error: --width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed variable-length sequences. Every image keeps a different number of context patches, and every target block
+# has its own size, so sequences have different lengths. We store tokens *packed*: all sequences concatenated into
+# one [T, D] tensor, with cu_seqlens [S+1] marking where each begins (as FlashAttention's varlen API does). Linear
+# layers, LayerNorm and MLP are per-token, so on packed tokens they do zero wasted work; only attention needs to know
+# the sequence boundaries. The PyTorch attention path pads *inside attention only* (to [S, Lmax] with a key mask,
+# which SDPA supports on every device); the Triton path (kernels/) reads the packed layout directly.
+
+
+class Seqs:
+    """Boundaries of S packed sequences: cu [S+1] int32, max_len, and the padding index used by the PyTorch path."""
+
+    def __init__(self, lengths, device):
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.lengths, self.n, self.max_len = lengths.tolist(), len(lengths), int(lengths.max())
+        self.cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)  # [S+1]
+        self.uniform = int(lengths.min()) == self.max_len  # all equal (the target encoder): a plain reshape will do
+        if not self.uniform:
+            j = torch.arange(self.max_len)
+            self.valid = (j[None, :] < lengths[:, None]).to(device)  # [S, Lmax] which padded slots hold a token
+            pad_idx = self.cu[:-1].long().cpu()[:, None] + j[None, :]  # [S, Lmax] packed row of each padded slot
+            self.pad_idx = pad_idx.clamp(max=int(lengths.sum()) - 1).to(device)
+
+
+def attention_torch(q, k, v, seqs):
+    """q, k, v [T, H, Dh] packed -> [T, H, Dh]. Each token attends to every token of its own sequence (non-causal)."""
+    T, H, Dh = q.shape
+    if seqs.uniform:  # [T, H, Dh] -> [S, L, H, Dh] -> [S, H, L, Dh]
+        q, k, v = (t.reshape(seqs.n, seqs.max_len, H, Dh).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(T, H, Dh)
+    q, k, v = (t[seqs.pad_idx].transpose(1, 2) for t in (q, k, v))  # [S, Lmax, H, Dh] -> [S, H, Lmax, Dh]
+    key_mask = seqs.valid[:, None, None, :]  # [S, 1, 1, Lmax]: padded keys get no attention weight
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # padded *query* rows are computed, then dropped
+    return o.transpose(1, 2)[seqs.valid]  # [S, Lmax, H, Dh][valid] -> [T, H, Dh] in packed order
+
+
+def gather_torch(x, idx, pos):
+    """x [B, N, D], idx [T] flat indices into B*N, pos [N, D] -> x.flat[idx] + pos[idx % N]: [T, D]."""
+    return x.flatten(0, 1)[idx] + pos[idx % x.shape[1]]
+
+
+def jepa_loss_torch(z, h, idx):
+    """Smooth-L1 between predictions z [R, D] and layer-normed (no affine) target features h.flat[idx]."""
+    t = F.layer_norm(h.flatten(0, 1)[idx].float(), (h.shape[-1],))  # [R, D]; normalise only the rows we need
+    return F.smooth_l1_loss(z.float(), t)
+
+
+# The three ops that kernels/ accelerates. use_kernels() switches the whole model between the paths.
+OPS = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
+
+
+def use_kernels(triton: bool):
+    if triton:
+        from kernels.gather import gather_rows, ln_gather_smooth_l1
+        from kernels.varlen_attention import varlen_attention
+        OPS.update(attention=lambda q, k, v, s: varlen_attention(q, k, v, s.cu, s.max_len), gather=gather_rows,
+                   loss=ln_gather_smooth_l1)
+    else:
+        OPS.update(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
+
+
+def resolve_kernels(choice, device):
+    """--kernels auto|torch|triton -> bool. Never a silent fallback when triton was asked for."""
+    if choice == "torch":
+        return False
+    try:
+        import kernels
+        ok, why = kernels.available()  # CUDA present, or TRITON_INTERPRET=1 (CPU, for tests)
+    except (ImportError, AttributeError) as e:
+        ok, why = False, f"cannot import kernels/ ({e})"
+    if choice == "triton" and not ok:
+        raise SystemExit(f"error: --kernels triton cannot run here: {why}. Use --kernels torch (or auto).")
+    if choice not in ("auto", "triton"):
+        raise SystemExit(f"error: --kernels must be auto, torch or triton, not {choice!r}")
+    return ok and (choice == "triton" or device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Vision Transformer. No CLS token (I-JEPA predicts patch features; pooling happens in the probes).
+
+MEAN, STD = 0.5307, 0.2583  # chest-X-ray pixel statistics (Rad-DINO's); images arrive in [0, 1]
+
+
+def sincos_pos_embed(gh, gw, dim):
+    """Fixed 2-D sin-cos position embedding for a gh x gw patch grid -> [gh*gw, dim] (row-major).
+    Half the channels encode the row, half the column; each half is [sin(p*w_i), cos(p*w_i)] with w_i = 10000^(-i/k).
+    Computed for the actual grid, so any resolution works (no interpolation, no CLS slot to trip over)."""
+    k = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float64) / k)  # [k]
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    def enc(p): return torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1)
+    return torch.cat([enc(rows.double()), enc(cols.double())], 1).float()  # [N, dim]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)  # qkv bias, as in ViT / I-JEPA
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, seqs):  # x [T, D] packed
+        T, D = x.shape
+        q, k, v = self.qkv(x).view(T, 3, self.heads, D // self.heads).unbind(1)  # each [T, H, Dh], strided views
+        return self.proj(OPS["attention"](q, k, v, seqs).reshape(T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). LayerNorm eps 1e-6, MLP ratio 4, GELU."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, seqs):
+        x = x + self.attn(self.norm1(x), seqs)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_transformer(module, blocks):
+    """trunc_normal(0.02) weights, zero biases; then scale each residual-branch output layer (attn.proj, mlp[2]) of
+    block i (1-based) by 1/sqrt(2i), so deep residual streams start small. The official helper undoes this rescale
+    by re-initialising afterwards; here the rescale runs last and a test pins it."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for i, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2 * i))
+            blk.mlp[2].weight.div_(math.sqrt(2 * i))
+
+
+class ViT(nn.Module):
+    """Encoder. Input: grayscale images [B, 1, H, W] in [0, 1] (normalised inside). Output: patch tokens."""
+
+    def __init__(self, patch=16, width=768, depth=12, heads=12):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.depth = patch, width, depth
+        self.patch_embed = nn.Conv2d(1, width, kernel_size=patch, stride=patch)  # one channel: X-rays are gray
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        init_transformer(self, self.blocks)
+
+    def forward(self, x, keep=None, seqs=None, n_last_blocks=None):
+        """x [B, 1, H, W].
+        keep=None:  every patch; returns [B, N, D] (N = H/p * W/p, row-major), or with n_last_blocks=k a list of the
+                    last k blocks' outputs, each [B, N, D] through the final norm (for probes).
+        keep=[T]:   flat indices into B*N of the context patches, packed per image as described by `seqs`;
+                    returns [T, D] packed."""
+        B = x.shape[0]
+        x = self.patch_embed((x - MEAN) / STD)  # [B, D, gh, gw]
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        pos = sincos_pos_embed(gh, gw, self.embed_dim).to(x)  # [N, D]; added *before* masking, as in I-JEPA
+        if keep is None:
+            h, seqs = (x + pos).flatten(0, 1), Seqs([gh * gw] * B, x.device)  # [B*N, D], B sequences of N
+        else:
+            h = OPS["gather"](x, keep, pos)  # [T, D] the kept patches only: every one of them, nothing truncated
+        outs = []
+        for blk in self.blocks:
+            h = blk(h, seqs)
+            outs.append(h)
+        if keep is not None:
+            return self.norm(h)
+        if n_last_blocks:
+            return [self.norm(o).view(B, gh * gw, -1) for o in outs[-n_last_blocks:]]
+        return self.norm(h).view(B, gh * gw, -1)
+
+
+class Predictor(nn.Module):
+    """Narrow ViT that predicts target-encoder features at the target patches from the context features.
+
+    Each target block of each image is its own sequence: [context tokens of that image ; one mask token per target
+    patch]. Context tokens carry their encoder features; mask tokens are one learned vector plus the position of the
+    patch to predict. 4 blocks x B images -> 4B packed sequences of length K_ctx(b) + K_tgt(b, j)."""
+
+    def __init__(self, enc_width=768, width=384, depth=6, heads=12):
+        super().__init__()
+        self.width = width
+        self.embed = nn.Linear(enc_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))  # 1-D: no weight decay, like biases
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.proj = nn.Linear(width, enc_width)
+        init_transformer(self, self.blocks)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, ctx, mb, grid):
+        """ctx [T_ctx, D_enc] packed encoder output; mb = the batch's index tensors (see collate); grid = (gh, gw).
+        Returns predictions [T_tgt, D_enc] in the order of mb["tgt_idx"]."""
+        N = grid[0] * grid[1]
+        pos = sincos_pos_embed(*grid, self.width).to(ctx)  # [N, W]
+        c = self.embed(ctx) + pos[mb["ctx_idx"] % N]  # [T_ctx, W] context tokens at their positions
+        m = self.mask_token + pos[mb["tgt_idx"] % N]  # [T_tgt, W] one mask token per target patch
+        h = torch.cat([c, m])[mb["pred_idx"]]  # [T_pred, W]: the 4B sequences, each [ctx of b ; targets of (b, j)]
+        for blk in self.blocks:
+            h = blk(h, mb["pred_seqs"])
+        return self.proj(self.norm(h[mb["pred_out"]]))  # keep the mask-token outputs -> [T_tgt, D_enc]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-block masking, one image at a time, as a pure function of a torch.Generator (so it is testable and
+# reproducible). Fixes to the official sampler: scale and aspect ratio are independent draws; block starts are drawn
+# from the full range (inclusive), so every patch row and column can be context and target; sizes are per image,
+# and nothing is truncated afterwards.
+
+
+def _block(gen, gh, gw, scale, aspect):
+    """A random rectangle of the gh x gw grid: area ~ U(scale) * gh*gw, height/width ~ U(aspect). -> bool [gh, gw]."""
+    s, a = (lo + (hi - lo) * torch.rand(1, generator=gen).item() for lo, hi in (scale, aspect))
+    h = min(gh, max(1, round(math.sqrt(s * gh * gw * a))))
+    w = min(gw, max(1, round(math.sqrt(s * gh * gw / a))))
+    top = torch.randint(0, gh - h + 1, (1,), generator=gen).item()  # inclusive: the last row can start a block
+    left = torch.randint(0, gw - w + 1, (1,), generator=gen).item()
+    m = torch.zeros(gh, gw, dtype=torch.bool)
+    m[top:top + h, left:left + w] = True
+    return m
+
+
+def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75, 1.5), ctx_scale=(0.85, 1.0),
+                 min_ctx=10, max_tries=100):
+    """-> (ctx [Kc] long, [tgt_1 [K1], ..., tgt_M [KM]] long): sorted flat patch indices (row-major) of one image.
+    Targets may overlap each other; the context never contains a target patch."""
+    gh, gw = grid
+    for _ in range(max_tries):
+        tgts = [_block(gen, gh, gw, tgt_scale, tgt_aspect) for _ in range(n_targets)]
+        ctx = _block(gen, gh, gw, ctx_scale, (1.0, 1.0))
+        for t in tgts:
+            ctx &= ~t
+        if int(ctx.sum()) >= min_ctx:
+            return ctx.flatten().nonzero()[:, 0], [t.flatten().nonzero()[:, 0] for t in tgts]
+    raise ValueError(f"masking: no context of >= {min_ctx} patches in {max_tries} draws on a {gh}x{gw} grid; "
+                     f"use a larger --img-size, smaller --tgt-scale or --min-ctx")
+
+
+def pack_masks(masks, N):
+    """Per-image masks -> the flat index tensors that the model consumes (all on CPU; moved to device later).
+    masks: list over B images of (ctx [Kc], [tgt [Kj]] * M). Sequence s = b*M + j is target block j of image b.
+      ctx_idx  [T_ctx]  flat b*N + n of every context patch, image after image (the encoder's packed input)
+      tgt_idx  [T_tgt]  flat b*N + n of every target patch, ordered (b, j, n)
+      pred_idx [T_pred] rows of cat([ctx tokens (T_ctx), mask tokens (T_tgt)]) forming the predictor's sequences
+      pred_out [T_tgt]  where each mask token sits in the packed predictor sequences (its output = the prediction)"""
+    ctx_len = [len(c) for c, _ in masks]
+    ctx_start = np.concatenate([[0], np.cumsum(ctx_len)])
+    ctx_idx = torch.cat([c + b * N for b, (c, _) in enumerate(masks)])
+    tgt_idx, tgt_len, pred_idx, pred_out, pred_len = [], [], [], [], []
+    T_ctx, t0, p0 = int(ctx_start[-1]), 0, 0  # t0: tokens of tgt_idx so far; p0: predictor tokens so far
+    for b, (_, tgts) in enumerate(masks):
+        ctx_rows = torch.arange(ctx_start[b], ctx_start[b + 1])
+        for t in tgts:
+            k = len(t)
+            tgt_idx.append(t + b * N)
+            pred_idx += [ctx_rows, T_ctx + t0 + torch.arange(k)]  # [context of b ; mask tokens of this block]
+            pred_out.append(p0 + ctx_len[b] + torch.arange(k))
+            tgt_len.append(k)
+            pred_len.append(ctx_len[b] + k)
+            t0, p0 = t0 + k, p0 + ctx_len[b] + k
+    return dict(ctx_idx=ctx_idx, tgt_idx=torch.cat(tgt_idx), pred_idx=torch.cat(pred_idx), pred_out=torch.cat(pred_out),
+                ctx_len=torch.tensor(ctx_len), tgt_len=torch.tensor(tgt_len), pred_len=torch.tensor(pred_len))
+
+
+def batch_to(mb, device):
+    """Move the index tensors to the device and build the two Seqs (context encoder, predictor)."""
+    mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+    mb["ctx_seqs"], mb["pred_seqs"] = Seqs(mb["ctx_len"].cpu(), device), Seqs(mb["pred_len"].cpu(), device)
+    return mb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: chest X-rays as one channel in [0, 1]; random resized crop only (no flips: the heart is on the left).
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class BadImage(Exception):
+    pass
+
+
+def load_image(path):
+    """Any PNG/JPEG/BMP/TIFF -> float32 [H, W] in [0, 1]. 16-bit data is scaled by its stored bit depth, inferred
+    from the maximum (a 12-bit image in a 16-bit PNG -> / 4095), not by 65535, which would make it nearly black.
+    RGB/RGBA -> luminance (alpha dropped: NIH's few RGBA files are opaque). Raises BadImage on anything unreadable."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage(f"{path}: zero-byte file")
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here and not later
+            if im.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "1"):
+                im = im.convert("L")
+            a = np.asarray(im)
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if a.ndim == 3:
+        a = a[..., 0]
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    integer, a = np.issubdtype(a.dtype, np.integer), a.astype(np.float32)
+    if integer:
+        bits = max(8, int(np.ceil(np.log2(float(a.max()) + 1))))
+        return a / (2.0 ** bits - 1)
+    lo, hi = float(a.min()), float(a.max())  # float images: min-max
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def list_images(root):
+    """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --data {root!r} is not a folder")
+    csv_path = os.path.join(root, "labels.csv")
+    if os.path.exists(csv_path):
+        import csv
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        paths = [os.path.join(root, r["image"]) for r in rows if r.get("split", "train") == "train"]
+    else:
+        paths = [os.path.join(d, n) for d, _, names in os.walk(root, followlinks=True) for n in names
+                 if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
+    if not paths:
+        raise SystemExit(f"error: no training images found in {root!r} (extensions: {' '.join(sorted(IMAGE_EXTS))})")
+    return sorted(paths)
+
+
+def random_resized_crop(img, size, scale, rng):
+    """img [H, W] -> [size, size]: a random box of area ~ U(scale) * H*W and aspect in [3/4, 4/3] (log-uniform),
+    resized bilinearly. Falls back to the whole image after 10 misses. Small images are simply upsampled."""
+    H, W = img.shape
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = math.sqrt(area * ar), math.sqrt(area / ar)
+        if w <= W and h <= H:
+            x0, y0 = rng.uniform(0, W - w), rng.uniform(0, H - h)
+            break
+    else:
+        x0, y0, w, h = 0.0, 0.0, float(W), float(H)
+    crop = Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+    return np.asarray(crop, dtype=np.float32).clip(0, 1)
+
+
+def sample_seed(seed, g, stream):
+    """Independent seed for global sample number g (augmentation stream 0, masks stream 1)."""
+    return int(np.random.SeedSequence([seed, g, stream]).generate_state(1)[0])
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Yields, for each step from `start` on, this rank's share of the global batch as (image index, g) pairs, where
+    g = step * global_batch + i is the sample's global number. Step s always gets the same images, crops and masks,
+    whatever the number of processes and whether the run was resumed: data is a pure function of (seed, step)."""
+
+    def __init__(self, n_images, global_batch, seed, start, steps, rank=0, world=1):
+        self.n, self.B, self.seed, self.start, self.steps = n_images, global_batch, seed, start, steps
+        self.lo, self.hi = rank * global_batch // world, (rank + 1) * global_batch // world
+        self._perm = {}
+
+    def image_for(self, g):  # a fresh permutation of the dataset each epoch
+        epoch = g // self.n
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return int(self._perm[epoch][g % self.n])
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield [(self.image_for(step * self.B + i), step * self.B + i) for i in range(self.lo, self.hi)]
+
+    def __len__(self):
+        return self.steps - self.start
+
+
+class CXRDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, cfg):
+        self.paths, self.cfg = paths, cfg
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):  # key = (image index, global sample number)
+        i, g = key
+        try:
+            img = load_image(self.paths[i])
+        except BadImage as e:
+            return None, str(e), g  # skipped by the collate; the main process logs it once and counts it
+        rng = np.random.default_rng(sample_seed(self.cfg.seed, g, 0))
+        return torch.from_numpy(random_resized_crop(img, self.cfg.img_size, self.cfg.crop_scale, rng))[None], None, g
+
+
+class Collate:
+    """Stack the images and sample each image's masks (in the worker processes, off the training loop's path)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.grid = cfg, (cfg.img_size // cfg.patch,) * 2
+
+    def __call__(self, items):
+        c, good = self.cfg, [(x, g) for x, _, g in items if x is not None]
+        masks = [sample_masks(torch.Generator().manual_seed(sample_seed(c.seed, g, 1)), self.grid, c.n_targets,
+                              c.tgt_scale, c.tgt_aspect, c.ctx_scale, c.min_ctx) for _, g in good]
+        mb = pack_masks(masks, self.grid[0] * self.grid[1]) if good else {}
+        mb["imgs"] = torch.stack([x for x, _ in good]) if good else None
+        mb["bad"] = [err for _, err, _ in items if err is not None]
+        return mb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step, so resuming means nothing more than "set step".
+
+
+def lr_at(step, c):
+    if step < c.warmup:  # 1) linear warmup start_lr -> lr
+        return c.start_lr + (c.lr - c.start_lr) * step / c.warmup
+    t = (step - c.warmup) / max(1, c.steps - c.warmup)  # 2) cosine lr -> final_lr over the remaining steps
+    return c.final_lr + 0.5 * (c.lr - c.final_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def wd_at(step, c):  # cosine *increase* wd -> final_wd, as in I-JEPA
+    return c.final_wd + 0.5 * (c.wd - c.final_wd) * (1 + math.cos(math.pi * min(step / c.steps, 1.0)))
+
+
+def ema_at(step, c):  # linear ema -> final_ema: the target moves less and less
+    return c.ema + (c.final_ema - c.ema) * min(step / c.steps, 1.0)
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """target <- m * target + (1 - m) * online, i.e. lerp(target, online, 1 - m)."""
+    t, o = list(target.parameters()), list(online.parameters())
+    torch._foreach_lerp_(t, o, 1.0 - m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: one dict, one file, written atomically (temp file + rename): killing the process at any moment
+# leaves either the previous checkpoint or the new one, never half of one.
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def read_checkpoint(path):
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a RadJEPA checkpoint: cannot be loaded ({type(e).__name__}: {e})") from None
+    missing = {"format", "config", "target_encoder"} - set(ck if isinstance(ck, dict) else {})
+    if not isinstance(ck, dict) or ck.get("format") != "radjepa-v1" or missing:
+        raise ValueError(f"{path} is not a RadJEPA checkpoint: missing {sorted(missing) or 'format marker'}")
+    return ck
+
+
+def build_encoder(c):
+    return ViT(c.patch, c.width, c.depth, c.heads)
+
+
+def load_encoder(path, device="cpu", random_init=False, seed=0):
+    """The EMA target encoder of a RadJEPA checkpoint, in eval mode, for probes:
+    enc(x [B, 1, H, W] in [0, 1]) -> patch tokens [B, N, D]. random_init=True gives the same architecture freshly
+    initialised (with `seed`): the baseline every probe result should be compared against."""
+    ck = read_checkpoint(path)
+    c = make_config({}, ck["config"])
+    torch.manual_seed(seed)
+    enc = build_encoder(c)
+    if not random_init:
+        enc.load_state_dict(ck["target_encoder"])
+    enc.config = asdict(c)
+    return enc.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training.
+
+
+def setup_distributed(c):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python radjepa.py` never creates a process group."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    dev = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if dev == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if c.batch_size % world:
+        raise SystemExit(f"error: --batch-size {c.batch_size} is not divisible by the {world} processes")
+    device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device(dev)
+    return ddp, rank, world, device
+
+
+def param_groups(*modules):
+    """AdamW groups: weight decay on matrices only; biases, norms, the mask token (all 1-D) are not decayed."""
+    ps = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return [dict(params=[p for p in ps if p.ndim >= 2], wd_scale=1.0),
+            dict(params=[p for p in ps if p.ndim < 2], wd_scale=0.0)]
+
+
+def train(c: Config):
+    ddp, rank, world, device = setup_distributed(c)
+    master = rank == 0
+    ckpt_path = os.path.join(c.out, "ckpt.pt")
+    torch.manual_seed(c.seed)
+    encoder = build_encoder(c).to(device)
+    predictor = Predictor(c.width, c.pred_width, c.pred_depth, c.heads).to(device)
+    target = build_encoder(c).to(device).requires_grad_(False)  # the EMA copy: never trained, never DDP-wrapped
+    target.load_state_dict(encoder.state_dict())
+    opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999))
+    step, log_hist = 0, []
+    if c.resume and os.path.exists(ckpt_path):
+        ck = read_checkpoint(ckpt_path)
+        for m, k in ((encoder, "encoder"), (predictor, "predictor"), (target, "target_encoder")):
+            m.load_state_dict(ck[k])
+        opt.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"]["torch"]), np.random.set_state(ck["rng"]["numpy"]), random.setstate(ck["rng"]["python"])
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    elif c.resume and master:
+        print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
+
+    triton = resolve_kernels(c.kernels, device)
+    use_kernels(triton)
+    paths = list_images(c.data)
+    grid = (c.img_size // c.patch,) * 2
+    sampler = StepBatches(len(paths), c.batch_size, c.seed, step, c.stop_at or c.steps, rank, world)
+    loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, collate_fn=Collate(c),
+                                         num_workers=c.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False, prefetch_factor=4 if c.workers else None)
+    enc, pred = encoder, predictor  # raw modules are what we save (no `_orig_mod.` / `module.` prefixes)
+    if c.compile:
+        enc, pred = torch.compile(enc, dynamic=True), torch.compile(pred, dynamic=True)
+    if ddp:
+        enc = nn.parallel.DistributedDataParallel(enc, device_ids=[device.index] if device.type == "cuda" else None)
+        pred = nn.parallel.DistributedDataParallel(pred, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # no scaler
+
+    def checkpoint(at):
+        if master:
+            save_atomic(dict(format="radjepa-v1", encoder=encoder.state_dict(), predictor=predictor.state_dict(),
+                             target_encoder=target.state_dict(), optimizer=opt.state_dict(), step=at, config=asdict(c),
+                             rng=rng_state(), versions=versions()), ckpt_path)
+
+    if master:
+        os.makedirs(c.out, exist_ok=True)
+        header = dict(config=asdict(c), versions=versions(), world=world, kernels="triton" if triton else "torch",
+                      images=len(paths), params_encoder=sum(p.numel() for p in encoder.parameters()),
+                      params_predictor=sum(p.numel() for p in predictor.parameters()), start_step=step)
+        with open(os.path.join(c.out, "config.json"), "w") as f:
+            json.dump(header, f, indent=2)
+        with open(os.path.join(c.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(header) + "\n")
+        print(f"RadJEPA | {len(paths)} images | encoder {header['params_encoder'] / 1e6:.1f}M, predictor "
+              f"{header['params_predictor'] / 1e6:.1f}M params | {world} process(es) on {device} | kernels: "
+              f"{header['kernels']} | steps {step}->{c.stop_at or c.steps}")
+    from tqdm import tqdm
+    bar = tqdm(total=(c.stop_at or c.steps), initial=step, disable=not master, dynamic_ncols=True)
+    seen_bad, n_bad, t0, imgs_since = set(), 0, time.time(), 0
+    stats = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0)
+    try:
+        for mb in loader:
+            for err in mb["bad"]:  # unreadable files: warn once each, count them, keep training
+                if err not in seen_bad and master:
+                    tqdm.write(f"skipping {err}")
+                seen_bad.add(err)
+                n_bad += 1
+            if mb["imgs"] is None:  # the whole share of this batch was unreadable
+                step += 1
+                bar.update(1)
+                continue
+            mb = batch_to(mb, device)
+            imgs = mb["imgs"]
+            lr, wd, m = lr_at(step, c), wd_at(step, c), ema_at(step, c)
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
+            # ---- TRAINING STEP BEGIN ----
+            with autocast:
+                # Step 1. targets: the EMA encoder sees the full image; no gradients flow here.
+                with torch.no_grad():
+                    h = target(imgs)  # [B, N, D]
+                # Step 2. predictions: encode the context patches, predict every target patch.
+                z = pred(enc(imgs, mb["ctx_idx"], mb["ctx_seqs"]), mb, grid)  # [T_tgt, D]
+                # Step 3. loss on layer-normed target features at the target patches (normalised inside OPS).
+                loss = OPS["loss"](z, h, mb["tgt_idx"])
+            # With several processes, weight each one's mean by its share of target tokens, so that the DDP gradient
+            # average equals the gradient of the mean over the global batch, as with one process.
+            n_loc = torch.tensor([float(len(mb["tgt_idx"]))], device=device)
+            n_all = n_loc.clone()
+            if ddp:
+                dist.all_reduce(n_all)
+            scaled = loss * (n_loc * world / n_all)
+            opt.zero_grad(set_to_none=True)
+            scaled.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(list(encoder.parameters()) + list(predictor.parameters()),
+                                                   c.clip if c.clip > 0 else float("inf"))
+            global_loss = (loss.detach() * n_loc / n_all).reshape(1)
+            if ddp:
+                dist.all_reduce(global_loss)
+            if not torch.isfinite(global_loss).all():  # one sync per step: cheap insurance against corrupt weights
+                raise FloatingPointError(f"loss is {global_loss.item()} at step {step}")
+            opt.step()
+            # Step 4. the target encoder follows the encoder slowly.
+            ema_update(target, encoder, m)
+            step += 1
+            # ---- TRAINING STEP END ----
+            with torch.no_grad():  # collapse indicator: per-dimension std across the batch of pooled target features
+                stats["std"] += h.float().mean(1).std(0).mean().item() if len(h) > 1 else 0.0
+            stats["loss"] += global_loss.item()
+            stats["ctx"] += mb["ctx_len"].float().mean().item()
+            stats["tgt"] += mb["tgt_len"].float().mean().item()
+            stats["n"] += 1
+            imgs_since += len(imgs) * world
+            bar.update(1)
+            if master and (step % c.log_every == 0 or step == (c.stop_at or c.steps)):
+                dt = time.time() - t0
+                n = stats["n"]
+                rec = dict(step=step, loss=stats["loss"] / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
+                           img_per_s=imgs_since / dt, ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
+                           target_std=stats["std"] / n, skipped_files=n_bad, time=time.time())
+                log_hist.append(rec)
+                with open(os.path.join(c.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                tqdm.write(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | wd {wd:.3f} | ema {m:.4f} | "
+                           f"gnorm {rec['grad_norm']:.3f} | {rec['img_per_s']:.1f} img/s | ctx {rec['ctx_patches']:.1f} "
+                           f"tgt {rec['tgt_patches']:.1f} | std {rec['target_std']:.3f} | skipped {n_bad}")
+                stats, t0, imgs_since = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0), time.time(), 0
+            if step % c.ckpt_every == 0:
+                checkpoint(step)
+    except FloatingPointError as e:
+        bar.close()
+        raise SystemExit(f"error: {e}. Stopping without saving: {ckpt_path} still holds the last good checkpoint. "
+                         f"Try a lower --lr, longer --warmup or --clip 1.0.")
+    except KeyboardInterrupt:
+        if master:
+            print(f"\ninterrupted at step {step}: checkpointing so that --resume continues from here")
+        checkpoint(step)
+        raise
+    bar.close()
+    checkpoint(step)
+    if master:
+        plot_log(os.path.join(c.out, "log.jsonl"), os.path.join(c.out, "loss.png"))
+        print(f"done: step {step}, checkpoint {ckpt_path}")
+    if ddp:
+        dist.destroy_process_group()
+    return encoder, predictor, target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures and bookkeeping.
+
+
+def versions():
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return dict(torch=torch.__version__, triton=tv, python=sys.version.split()[0],
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def plot_log(log_path, png_path, size=(640, 360)):
+    """Loss curve (and collapse indicator) from log.jsonl as a PNG, drawn with PIL (no plotting dependency)."""
+    from PIL import ImageDraw
+    recs = [r for r in map(json.loads, open(log_path)) if "loss" in r]
+    if len(recs) < 2:
+        return
+    W, H, pad = *size, 40
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([pad, pad // 2, W - pad // 2, H - pad], outline="black")
+    s0, s1 = recs[0]["step"], recs[-1]["step"]
+    for key, color in (("loss", "navy"), ("target_std", "darkorange")):
+        ys = [r[key] for r in recs]
+        lo, hi = min(ys), max(ys) + 1e-12
+        pts = [(pad + (r["step"] - s0) / max(1, s1 - s0) * (W - 1.5 * pad), H - pad - (y - lo) / (hi - lo) * (H - 1.5 * pad))
+               for r, y in zip(recs, ys)]
+        d.line(pts, fill=color, width=2)
+        d.text((pad + 5, pad // 2 + 5 + 14 * (key != "loss")), f"{key}: {ys[0]:.3g} -> {ys[-1]:.3g}", fill=color)
+    d.text((pad, H - pad + 8), f"step {s0}", fill="black")
+    d.text((W - 3 * pad, H - pad + 8), f"step {s1}", fill="black")
+    tmp = png_path + ".tmp.png"
+    im.save(tmp)
+    os.replace(tmp, png_path)
+
+
+def save_mask_picture(c, paths, png_path, n=6):
+    """What the model sees: n training crops with the context (blue) and the target blocks (one colour each)."""
+    ds, col = CXRDataset(paths, c), Collate(c)
+    items = [ds[(i % len(paths), i)] for i in range(n)]
+    items = [it for it in items if it[0] is not None]
+    colors = np.array([[230, 60, 60], [60, 180, 75], [245, 160, 30], [170, 60, 200], [70, 200, 220], [240, 50, 230]])
+    tiles = []
+    for x, _, g in items:
+        ctx, tgts = sample_masks(torch.Generator().manual_seed(sample_seed(c.seed, g, 1)), col.grid, c.n_targets,
+                                 c.tgt_scale, c.tgt_aspect, c.ctx_scale, c.min_ctx)
+        rgb = np.repeat(x[0].numpy()[..., None] * 255, 3, -1)
+        over, cover = np.zeros(col.grid + (3,)), np.zeros(col.grid)
+        over.reshape(-1, 3)[ctx.numpy()] += [60, 110, 255]
+        cover.reshape(-1)[ctx.numpy()] += 1
+        for j, t in enumerate(tgts):
+            over.reshape(-1, 3)[t.numpy()] += colors[j % len(colors)]
+            cover.reshape(-1)[t.numpy()] += 1
+        over = over / np.maximum(cover, 1)[..., None]
+        up = np.kron(over, np.ones((c.patch, c.patch, 1)))
+        alpha = np.kron((cover > 0).astype(float), np.ones((c.patch, c.patch)))[..., None] * 0.45
+        tiles.append((rgb * (1 - alpha) + up * alpha).astype(np.uint8))
+    if tiles:
+        Image.fromarray(np.concatenate(tiles, axis=1)).save(png_path)
+
+
+def main(argv=None):
+    given = parse_args(argv)
+    base = None
+    out = given.get("out", Config.out)
+    if given.get("resume") and os.path.exists(os.path.join(out, "ckpt.pt")):
+        base = read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]  # the run's own config; flags given override
+        changed = sorted(k for k in given if k not in RUN_FIELDS and given[k] != base.get(k))
+        if changed:
+            print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
+                  f"uninterrupted run")
+    c = make_config(given, base)
+    if not c.data:
+        raise SystemExit("error: --data is required (a folder of chest X-rays, or `python data_prep.py synthetic`)")
+    if int(os.environ.get("RANK", 0)) == 0 and not c.resume:
+        os.makedirs(c.out, exist_ok=True)
+        save_mask_picture(c, list_images(c.data), os.path.join(c.out, "masks.png"))
+    return train(c)
+
+
+if __name__ == "__main__":
+    main()
