@@ -868,6 +868,7 @@ def main(argv=None):
     out = given.get("out", Config.out)
     if given.get("resume") and os.path.exists(os.path.join(out, "ckpt.pt")):
         base = read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]  # the run's own config; flags given override
+        base["stop_at"] = 0  # a stop point belongs to the run that stopped, not to its continuation
         changed = sorted(k for k in given if k not in RUN_FIELDS and given[k] != base.get(k))
         if changed:
             print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
