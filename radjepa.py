@@ -585,15 +585,28 @@ def save_atomic(obj, path):
 
 
 def rng_state():
-    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """Global RNG states, stored as tensors and plain tuples so checkpoints load with torch.load(weights_only=True).
+    (Training itself draws from per-sample seeds, so these matter only to code that uses the global RNGs.)"""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = dict(torch=torch.get_rng_state(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             python=random.getstate())
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
 def read_checkpoint(path):
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only: no code runs
     except Exception as e:
         raise ValueError(f"{path} is not a RadJEPA checkpoint: cannot be loaded ({type(e).__name__}: {e})") from None
     missing = {"format", "config", "target_encoder"} - set(ck if isinstance(ck, dict) else {})
@@ -612,8 +625,9 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
     initialised (with `seed`): the baseline every probe result should be compared against."""
     ck = read_checkpoint(path)
     c = make_config({}, ck["config"])
-    torch.manual_seed(seed)
-    enc = build_encoder(c)
+    with torch.random.fork_rng():  # seed the init without disturbing the caller's global RNG
+        torch.manual_seed(seed)
+        enc = build_encoder(c)
     if not random_init:
         enc.load_state_dict(ck["target_encoder"])
     enc.config = asdict(c)
@@ -666,7 +680,7 @@ def train(c: Config):
             m.load_state_dict(ck[k])
         opt.load_state_dict(ck["optimizer"])
         step = ck["step"]
-        torch.set_rng_state(ck["rng"]["torch"]), np.random.set_state(ck["rng"]["numpy"]), random.setstate(ck["rng"]["python"])
+        set_rng_state(ck["rng"])
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     elif c.resume and master:
@@ -680,9 +694,10 @@ def train(c: Config):
     loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, collate_fn=Collate(c),
                                          num_workers=c.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False, prefetch_factor=4 if c.workers else None)
-    enc, pred = encoder, predictor  # raw modules are what we save (no `_orig_mod.` / `module.` prefixes)
-    if c.compile:
-        enc, pred = torch.compile(enc, dynamic=True), torch.compile(pred, dynamic=True)
+    if c.compile:  # in place (Module.compile): state_dict keys stay clean; dynamic: packed lengths vary every step
+        for m in (encoder, predictor, target):
+            m.compile(dynamic=True)
+    enc, pred = encoder, predictor  # we save the raw modules, never the DDP wrappers (no `module.` prefixes)
     if ddp:
         enc = nn.parallel.DistributedDataParallel(enc, device_ids=[device.index] if device.type == "cuda" else None)
         pred = nn.parallel.DistributedDataParallel(pred, device_ids=[device.index] if device.type == "cuda" else None)
@@ -808,7 +823,7 @@ def versions():
         tv = triton.__version__
     except ImportError:
         tv = None
-    return dict(torch=torch.__version__, triton=tv, python=sys.version.split()[0],
+    return dict(torch=str(torch.__version__), triton=tv, python=sys.version.split()[0],
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
