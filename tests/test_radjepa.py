@@ -119,7 +119,8 @@ def tiny_models(seed=0, width=64, heads=2):
 
 def jepa_forward(enc, pred, imgs, masks, grid):
     mb = radjepa.batch_to(pack_masks(masks, grid[0] * grid[1]), "cpu")
-    h = enc(imgs)
+    with torch.no_grad():  # the target branch carries no gradient, as in training
+        h = enc(imgs)
     z = pred(enc(imgs, mb["ctx_idx"], mb["ctx_seqs"]), mb, grid)
     return z, radjepa.OPS["loss"](z, h, mb["tgt_idx"]), len(mb["tgt_idx"])
 
