@@ -95,8 +95,8 @@ class Config:
 
 # Presets: (width, depth, heads, predictor depth). Sizes as in the official ViT/I-JEPA code.
 PRESETS = {
-    "vit_tiny":  dict(width=192, depth=12, heads=3, pred_depth=6),
-    "vit_small": dict(width=384, depth=12, heads=6, pred_depth=6),
+    "vit_tiny":  dict(width=192, depth=12, heads=3, pred_width=96, pred_depth=6),   # predictor half as wide as the
+    "vit_small": dict(width=384, depth=12, heads=6, pred_width=192, pred_depth=6),  # encoder: "narrow" for small ViTs
     "vit_base":  dict(width=768, depth=12, heads=12, pred_depth=6),
     "vit_large": dict(width=1024, depth=24, heads=16, pred_depth=12),
 }
@@ -221,13 +221,16 @@ def resolve_kernels(choice, device):
 MEAN, STD = 0.5307, 0.2583  # chest-X-ray pixel statistics (Rad-DINO's); images arrive in [0, 1]
 
 
-def sincos_pos_embed(gh, gw, dim):
+def sincos_pos_embed(gh, gw, dim, ref=None):
     """Fixed 2-D sin-cos position embedding for a gh x gw patch grid -> [gh*gw, dim] (row-major).
     Half the channels encode the row, half the column; each half is [sin(p*w_i), cos(p*w_i)] with w_i = 10000^(-i/k).
-    Computed for the actual grid, so any resolution works (no interpolation, no CLS slot to trip over)."""
+    ref = (rh, rw), the grid the model was trained on: positions are scaled to it (p = i * rh / gh), so a 16x16 grid
+    of the same film gets the codes the model learned, between its 8x8 training positions, instead of positions
+    8..15 it never saw. This is what position-embedding interpolation does, computed exactly, for any grid."""
     k = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float64) / k)  # [k]
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    sh, sw = (ref[0] / gh, ref[1] / gw) if ref else (1.0, 1.0)
+    rows, cols = torch.meshgrid(torch.arange(gh) * sh, torch.arange(gw) * sw, indexing="ij")
     def enc(p): return torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1)
     return torch.cat([enc(rows.double()), enc(cols.double())], 1).float()  # [N, dim]
 
@@ -279,9 +282,10 @@ def init_transformer(module, blocks):
 class ViT(nn.Module):
     """Encoder. Input: grayscale images [B, 1, H, W] in [0, 1] (normalised inside). Output: patch tokens."""
 
-    def __init__(self, patch=16, width=768, depth=12, heads=12):
+    def __init__(self, patch=16, width=768, depth=12, heads=12, ref_grid=None):
         super().__init__()
         self.patch_size, self.embed_dim, self.depth = patch, width, depth
+        self.ref_grid = ref_grid  # (gh, gw) at training resolution: other grids are scaled to it (sincos_pos_embed)
         self.patch_embed = nn.Conv2d(1, width, kernel_size=patch, stride=patch)  # one channel: X-rays are gray
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
@@ -297,7 +301,7 @@ class ViT(nn.Module):
         x = self.patch_embed((x - MEAN) / STD)  # [B, D, gh, gw]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
-        pos = sincos_pos_embed(gh, gw, self.embed_dim).to(x)  # [N, D]; added *before* masking, as in I-JEPA
+        pos = sincos_pos_embed(gh, gw, self.embed_dim, self.ref_grid).to(x)  # [N, D]; added before masking (I-JEPA)
         if keep is None:
             h, seqs = (x + pos).flatten(0, 1), Seqs([gh * gw] * B, x.device)  # [B*N, D], B sequences of N
         else:
@@ -616,7 +620,7 @@ def read_checkpoint(path):
 
 
 def build_encoder(c):
-    return ViT(c.patch, c.width, c.depth, c.heads)
+    return ViT(c.patch, c.width, c.depth, c.heads, ref_grid=(c.img_size // c.patch,) * 2)
 
 
 def load_encoder(path, device="cpu", random_init=False, seed=0):
@@ -891,7 +895,7 @@ def main(argv=None):
     c = make_config(given, base)
     if not c.data:
         raise SystemExit("error: --data is required (a folder of chest X-rays, or `python data_prep.py synthetic`)")
-    if int(os.environ.get("RANK", 0)) == 0 and not c.resume:
+    if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(os.path.join(c.out, "masks.png")):
         os.makedirs(c.out, exist_ok=True)
         save_mask_picture(c, list_images(c.data), os.path.join(c.out, "masks.png"))
     return train(c)

@@ -155,6 +155,15 @@ def test_keeping_every_patch_equals_the_full_image_path_at_any_resolution():
     assert len(last2) == 2 and torch.equal(last2[-1], enc(x)) and not torch.allclose(last2[0], last2[1])
 
 
+def test_position_embedding_scales_other_grids_to_the_training_grid():
+    train = radjepa.sincos_pos_embed(8, 8, 32)
+    assert torch.equal(radjepa.sincos_pos_embed(8, 8, 32, ref=(8, 8)), train)  # training grid: unchanged
+    fine = radjepa.sincos_pos_embed(16, 16, 32, ref=(8, 8)).view(16, 16, 32)
+    torch.testing.assert_close(fine[::2, ::2].reshape(64, 32), train)  # every other patch = a training position
+    c = radjepa.make_config({"img_size": 128, "patch": 16, "model": "vit_tiny", "depth": 1})
+    assert radjepa.build_encoder(c).ref_grid == (8, 8)
+
+
 def test_position_embedding_is_sincos_and_distinct():
     pe = radjepa.sincos_pos_embed(5, 7, 32)
     assert pe.shape == (35, 32)

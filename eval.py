@@ -1,0 +1,1017 @@
+"""
+eval.py: frozen-encoder probes for RadJEPA checkpoints, with confidence intervals and significance tests.
+
+The RadJEPA paper's claims are probe results: a frozen encoder, a small trained head, AUROC/AUPRC on disease labels and
+Dice on anatomy, with paired significance tests between encoders. This file produces those numbers for any checkpoint
+written by radjepa.py on any prepared dataset written by data_prep.py (layout: images/, masks/, labels.csv, meta.json).
+
+    python eval.py --ckpt runs/x/ckpt.pt --data prep/ [--task cls|seg|all] [--probe linear|attentive|all]
+                   [--compare OTHER.pt|random] [--out DIR]
+
+What one run does, top to bottom (the file reads in the same order):
+  1. metrics: AUROC, average precision (AUPRC), PR curve, Dice; bootstrap CIs and paired bootstrap p-values.
+  2. data: read the prepared folder, check it has what the task needs.
+  3. features: run each frozen encoder once over every image (cached in OUT/cache/), keep the patch tokens (fp16).
+     Encoders in one run: the checkpoint's EMA target encoder ("jepa"), the same architecture randomly initialised
+     ("random"), raw pixels ("pixels": a downsampled image for the linear probe, the patch's pixels as its "token"),
+     and optionally a second checkpoint ("other", via --compare OTHER.pt).
+  4. probes: linear (logistic regression on mean-pooled tokens, L-BFGS), attentive (one learned query cross-attending
+     over the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
+     Hyper-parameters are chosen on the val split only; the chosen probe is applied to the test split once.
+  5. report: metrics.json, report.md, pr_curves.png, seg_overlays.png, pca_features.png (all written atomically).
+
+Protocol definitions (exact, so the numbers can be checked):
+  * AUROC = Mann-Whitney U / (n_pos * n_neg), ranks with ties averaged (a tie between a positive and a negative
+    counts one half). AUPRC = average precision, sklearn's step definition AP = sum_n (R_n - R_{n-1}) P_n over the
+    distinct score thresholds (tied scores enter together), no interpolation. Prevalence = n_pos / n_known on test.
+    A label whose test set holds a single class has AUROC/AUPRC null with a reason, and is left out of macro means.
+  * Dice per image and structure = 2|P∩G| / (|P| + |G|) on binary masks at --mask-size, 1 when both are empty.
+    An absent mask file means "not annotated": that image is left out for that structure.
+  * Bootstrap: B resamples (--n-boot, default 1000, seeded) of the test *patients* with replacement (all images of a
+    drawn patient enter; one image per patient reduces this to the usual image bootstrap). The same resamples are used
+    for every encoder, so differences are paired. 95% CI = 2.5th and 97.5th percentiles of the resampled statistic
+    (resamples where it is undefined, e.g. a single class, are dropped). Macro mean per resample = mean over labels.
+  * Paired test of encoder A vs B (same probe, same test images): d_b = m_A(b) - m_B(b) per resample b, then
+    p = min(1, 2 * min((#{d_b <= 0} + 1) / (B + 1), (#{d_b >= 0} + 1) / (B + 1))), two-sided; the +1 keeps p above 0
+    with a finite B (smallest reportable p = 2/(B+1)). A label counts as "significantly better" when p < 0.05 and
+    the point difference > 0 ("worse" when p < 0.05 and it is < 0).
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+# Hyper-parameter grids, searched on the val split. Small on purpose: the probe must not carry the result.
+LINEAR_L2 = (1e-4, 1e-3, 1e-2, 1e-1)      # L2 penalty on the logistic-regression weights (features are standardized)
+ATTENTIVE_LR = (3e-4, 1e-3, 3e-3)          # AdamW learning rate of the attentive probe (weight decay fixed at 0.05)
+SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmentation head (weight decay 1e-4)
+
+
+class EvalError(Exception):
+    """A problem with the user's input (checkpoint, dataset, flags): main() prints it as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Metrics (numpy, no sklearn)
+
+def _ranks(s):
+    """1-based ranks of s, ties get the average of the ranks they span (the Mann-Whitney convention)."""
+    order = np.argsort(s, kind="mergesort")
+    s_sorted = s[order]
+    # boundaries of runs of equal values in the sorted array
+    starts = np.r_[0, np.flatnonzero(np.diff(s_sorted)) + 1]
+    ends = np.r_[starts[1:], len(s)]                      # run i covers sorted positions [starts[i], ends[i])
+    avg = (starts + ends + 1) / 2.0                       # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def auroc(y, s):
+    """Area under the ROC curve; None when y holds a single class (undefined, not 0.5)."""
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum()); n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    r = _ranks(np.asarray(s, dtype=np.float64))
+    # U = (sum of positive ranks) - n_pos(n_pos+1)/2 counts the (pos, neg) pairs ordered correctly, ties as 1/2
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _pr_points(y, s):
+    """Precision and recall at every distinct threshold, from the highest score down (tied scores enter together)."""
+    y = np.asarray(y).astype(np.float64)
+    order = np.argsort(-np.asarray(s, dtype=np.float64), kind="mergesort")
+    s_sorted, y_sorted = np.asarray(s, dtype=np.float64)[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(y) - 1]   # index of the last item of each tie run
+    tp = np.cumsum(y_sorted)[last]
+    fp = (last + 1) - tp
+    return tp / (tp + fp), tp / tp[-1]                    # precision, recall (non-decreasing)
+
+
+def average_precision(y, s):
+    """AUPRC as AP = sum_n (R_n - R_{n-1}) P_n (sklearn's definition); None when there is no positive or no negative."""
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any():
+        return None
+    precision, recall = _pr_points(y, s)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def pr_curve(y, s):
+    """(recall, precision) arrays for plotting, starting at recall 0 with the first precision."""
+    precision, recall = _pr_points(y, s)
+    return np.r_[0.0, recall], np.r_[precision[0], precision]
+
+
+def dice_per_image(pred, gt):
+    """pred, gt: bool [N, H, W] -> Dice per image [N]; both empty -> 1 (nothing to find, nothing found)."""
+    pred = pred.reshape(len(pred), -1); gt = gt.reshape(len(gt), -1)
+    inter = (pred & gt).sum(1).astype(np.float64)
+    total = pred.sum(1).astype(np.float64) + gt.sum(1)
+    return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
+
+
+def bootstrap_indices(groups, n_boot, seed):
+    """groups: list of index arrays (one per patient). Returns n_boot index arrays, patients drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+    return [np.concatenate([groups[g] for g in row]) for row in picks]
+
+
+def bootstrap_stat(stat, resamples):
+    """stat(idx) -> float or None; returns the statistic on each resample (nan where undefined)."""
+    out = [stat(idx) for idx in resamples]
+    return np.array([np.nan if v is None else v for v in out], dtype=np.float64)
+
+
+def nanmean_rows(stack):
+    """Mean over axis 0 ignoring nan (a label undefined in one resample); all-nan columns stay nan, silently."""
+    ok = np.isfinite(stack)
+    return np.where(ok.any(0), np.where(ok, stack, 0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+
+
+def percentile_ci(samples, level=0.95):
+    """Percentile interval of the finite samples; None if none is finite."""
+    v = samples[np.isfinite(samples)]
+    if len(v) == 0:
+        return None
+    a = (1 - level) / 2 * 100
+    return [float(np.percentile(v, a)), float(np.percentile(v, 100 - a))]
+
+
+def paired_p_value(samples_a, samples_b):
+    """Two-sided paired bootstrap p-value of (a - b), definition in the module docstring."""
+    d = samples_a - samples_b
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return None
+    n = len(d)
+    le = (np.sum(d <= 0) + 1) / (n + 1)
+    ge = (np.sum(d >= 0) + 1) / (n + 1)
+    return float(min(1.0, 2 * min(le, ge)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. The prepared dataset
+
+def read_prepared(root, task):
+    """Reads labels.csv (+ masks/) of a prepared folder. Returns a dict of numpy arrays; raises EvalError if the
+    folder lacks what `task` needs. Labels: float [N, L] with nan for unknown (blank cell)."""
+    csv_path = os.path.join(root, "labels.csv")
+    if not os.path.isfile(csv_path):
+        raise EvalError(f"{root} is not a prepared dataset: labels.csv is missing (make one with data_prep.py)")
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = list(reader)
+    if header is None or header[:3] != ["image", "patient", "split"]:
+        raise EvalError(f"{csv_path}: header must start with image,patient,split (got {header})")
+    label_names = header[3:]
+    ids, paths, patients, splits, labels = [], [], [], [], []
+    for r in rows:
+        if len(r) != len(header):
+            raise EvalError(f"{csv_path}: a row has {len(r)} cells, the header has {len(header)}: {r[:3]}")
+        if r[2] not in SPLITS:
+            raise EvalError(f"{csv_path}: split must be one of {SPLITS}, got {r[2]!r} for {r[0]}")
+        paths.append(os.path.join(root, r[0]))
+        ids.append(os.path.splitext(os.path.basename(r[0]))[0])
+        patients.append(r[1]); splits.append(r[2])
+        labels.append([float(c) if c.strip() != "" else np.nan for c in r[3:]])
+    for s in ("val", "test"):
+        if s not in splits:
+            raise EvalError(f"{csv_path}: no image in the {s} split (probes pick hyper-parameters on val, report test)")
+    mask_root = os.path.join(root, "masks")
+    structures = sorted(d for d in os.listdir(mask_root) if os.path.isdir(os.path.join(mask_root, d))) \
+        if os.path.isdir(mask_root) else []
+    lab = np.array(labels, dtype=np.float64).reshape(len(rows), len(label_names))
+    has_cls = len(label_names) > 0 and np.isfinite(lab[np.array(splits) == "train"]).any()
+    if task == "cls" and not has_cls:
+        raise EvalError(f"{root}: --task cls needs label columns with known values in labels.csv "
+                        f"(found columns {label_names})")
+    if task == "seg" and not structures:
+        raise EvalError(f"{root}: --task seg needs masks/<structure>/<id>.png, but masks/ has no structure folder")
+    if task == "all" and not has_cls and not structures:
+        raise EvalError(f"{root}: no labels in labels.csv and no masks/: nothing to evaluate")
+    return dict(root=root, ids=ids, paths=paths, patients=np.array(patients), split=np.array(splits),
+                labels=lab, label_names=label_names, structures=structures, has_cls=has_cls)
+
+
+def parallel_map(fn, items, desc):
+    """map() over threads: PNG decoding releases the GIL, so 20k images + 6 masks each read ~8x faster on 8 cores."""
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
+        return list(tqdm(ex.map(fn, items), total=len(items), desc=desc, leave=False))
+
+
+def load_images(data, radjepa):
+    """All images as uint8 [N, S, S] (one read per image; resizing happens per encoder on the fly)."""
+    def read(p):
+        try:
+            return np.round(radjepa.load_image(p) * 255).astype(np.uint8)
+        except radjepa.BadImage as e:
+            raise EvalError(f"{p}: unreadable image ({e})")
+    imgs = parallel_map(read, data["paths"], "read images")
+    shapes = {im.shape for im in imgs}
+    if len(shapes) != 1:
+        raise EvalError(f"{data['root']}: images differ in size {sorted(shapes)[:3]}; prepared images are all S x S")
+    return torch.from_numpy(np.stack(imgs))
+
+
+def load_masks(data, size):
+    """Masks per structure: bool [N, size, size] and a known flag [N] (absent file = not annotated)."""
+    def read(path):
+        if not os.path.isfile(path):
+            return None
+        # area-resize the 0/255 mask and threshold at half: a pixel is "in" if most of it was
+        return np.asarray(Image.open(path).convert("L").resize((size, size), Image.BOX)) >= 128
+    out = {}
+    for st in data["structures"]:
+        ms = parallel_map(read, [os.path.join(data["root"], "masks", st, i + ".png") for i in data["ids"]],
+                          f"read masks/{st}")
+        known = np.array([m is not None for m in ms])
+        zero = np.zeros((size, size), dtype=bool)
+        out[st] = (np.stack([zero if m is None else m for m in ms]), known)
+    return out
+
+
+def resize(x, size):
+    """x: float [B, 1, H, W] -> [B, 1, size, size] (antialiased bilinear, the same as training-time resizing)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Frozen features (cached)
+
+@torch.no_grad()
+def extract_tokens(encoder, images, size, device, batch_size=64, last4=False, desc="features"):
+    """Runs a frozen encoder over all images at `size`. Returns tokens fp16 [N, g*g, D] (row-major patch grid) and the
+    pooled feature fp32 [N, D] (mean over patches) or [N, 4D] (concatenated means of the last 4 blocks; fewer if
+    the encoder is shallower)."""
+    tokens, pooled = [], []
+    # bf16 on a GPU (tokens are stored in fp16 anyway); plain fp32 on a CPU
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    for i in tqdm(range(0, len(images), batch_size), desc=desc):
+        x = resize(images[i:i + batch_size].to(device).float().div(255).unsqueeze(1), size)   # (B, 1, size, size)
+        with amp:
+            if last4:
+                outs = encoder(x, n_last_blocks=4)                       # min(4, depth) x (B, N, D), last = final
+                tok = outs[-1]
+                pool = torch.cat([o.float().mean(1) for o in outs], -1)  # (B, 4D)
+            else:
+                tok = encoder(x)                                         # (B, N, D)
+                pool = tok.float().mean(1)                               # (B, D)
+        tokens.append(tok.half().cpu()); pooled.append(pool.float().cpu())
+    return torch.cat(tokens), torch.cat(pooled)
+
+
+def sincos_2d(g, dim=64):
+    """Fixed 2-D sin-cos code of each cell of a g x g grid, row-major: [g*g, dim] (half rows, half columns)."""
+    freqs = 1.0 / (100.0 ** (torch.arange(dim // 4) / (dim // 4)))        # (dim/4,) from 1 down to ~1/100
+    r, c = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
+    code = [f(t.reshape(-1, 1) * freqs) for t in (r, c) for f in (torch.sin, torch.cos)]
+    return torch.cat(code, 1)                                               # (g*g, dim)
+
+
+def pixel_features(images, size, patch, pool_size):
+    """The raw-pixel baseline. tokens [N, g*g, p*p + 64]: each patch's pixels at `size` (a linear head on them is a
+    local filter) plus a sin-cos code of its position, as a ViT token has one (else the attentive probe would see a
+    bag of patches); pooled [N, pool_size^2]: the whole image downsampled to pool_size x pool_size."""
+    toks, pools = [], []
+    g = size // patch
+    pos = sincos_2d(g)
+    for i in range(0, len(images), 256):
+        x = resize(images[i:i + 256].float().div(255).unsqueeze(1), size)          # (B, 1, S, S)
+        t = F.unfold(x, kernel_size=patch, stride=patch).transpose(1, 2)            # (B, g*g, p*p), row-major grid
+        t = torch.cat([t, pos.expand(len(t), -1, -1)], 2)                           # (B, g*g, p*p + 64)
+        toks.append(t.half()); pools.append(resize(x, pool_size).flatten(1))        # (B, pool^2)
+    return torch.cat(toks), torch.cat(pools)
+
+
+def cached_features(cache_dir, key_fields, compute):
+    """Loads features from cache_dir if this exact (checkpoint, encoder, size, pooling, dataset) was extracted before,
+    else computes and saves them (atomically). Returns (tokens, pooled)."""
+    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"feat_{key_fields['encoder']}_{key_fields['img_size']}_{key}.pt")
+    if os.path.isfile(path):
+        d = torch.load(path, map_location="cpu")
+        print(f"features: cached {os.path.basename(path)}")
+        return d["tokens"], d["pooled"]
+    tokens, pooled = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"tokens": tokens, "pooled": pooled, "key": key_fields}, tmp)
+    os.replace(tmp, path)
+    return tokens, pooled
+
+
+def file_fingerprint(path):
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Probes (torch). All take standardized inputs: mean/std from the train split only.
+
+def standardizer(x_train):
+    """Per-feature mean and std over the train rows (x_train: [N, F] or [N, T, F]); std floored to avoid 1/0."""
+    flat = x_train.float().reshape(-1, x_train.shape[-1])
+    return flat.mean(0), flat.std(0).clamp_min(1e-6)
+
+
+def masked_bce(logits, y):
+    """Multi-label BCE averaged over known cells only (y = nan where the label is unknown)."""
+    known = torch.isfinite(y)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none")
+    return (loss * known).sum() / known.sum().clamp_min(1)
+
+
+def macro_auroc(y, scores):
+    """Mean AUROC over labels defined on these rows (for val-split model selection)."""
+    vals = []
+    for j in range(y.shape[1]):
+        k = np.isfinite(y[:, j])
+        a = auroc(y[k, j], scores[k, j])
+        if a is not None:
+            vals.append(a)
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def train_linear(x, y, l2, iters=100):
+    """Logistic regression, all labels at once: full-batch L-BFGS on masked BCE + l2 * ||W||^2.
+    x: [N, F] standardized, y: [N, L] (nan = unknown). Returns (W [F, L], b [L])."""
+    W = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
+    prev = torch.nanmean(y, 0).nan_to_num(0.5).clamp(0.01, 0.99)
+    b = torch.log(prev / (1 - prev)).clone().requires_grad_(True)     # start at the prevalence: a sensible bias
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = masked_bce(x @ W + b, y) + l2 * (W * W).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
+class AttentiveProbe(nn.Module):
+    """One learned query cross-attending over the patch tokens (V-JEPA's attentive probe, one block), then LN + linear.
+    Unlike mean pooling it can single out the few patches that hold a small finding.
+
+    The parameters are those of nn.MultiheadAttention (the test checks we compute exactly what it computes), but with a
+    single query the attention can be rearranged to cost O(N*D*H) instead of O(N*D^2):
+      score_h(i) = q_h . (Wk_h x_i + bk_h) / sqrt(dh) = x_i . (Wk_h^T q_h) / sqrt(dh) + const  (cancels in softmax)
+      out_h      = sum_i a_h(i) (Wv_h x_i + bv_h)    = Wv_h (sum_i a_h(i) x_i) + bv_h            (weights sum to 1)
+    i.e. per head a learned *weighted mean* of the raw tokens, then the value projection. On a CPU this makes the probe
+    ~100x cheaper, so it can be trained for enough steps."""
+
+    def __init__(self, dim, n_out, heads):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_out)
+
+    def pool(self, tok):                                      # tok: (B, N, D) standardized -> (B, D)
+        B, N, D = tok.shape
+        H = self.attn.num_heads; dh = D // H
+        Wq, Wk, Wv = self.attn.in_proj_weight.chunk(3)       # (D, D) each
+        bq, _, bv = self.attn.in_proj_bias.chunk(3)           # the key bias only adds a per-head constant: dropped
+        q = (Wq @ self.query[0, 0] + bq).view(H, dh)          # (H, dh) the query, per head
+        u = torch.einsum("hd,hdD->hD", q, Wk.view(H, dh, D)) / math.sqrt(dh)   # (H, D) query folded into key space
+        a = torch.softmax(tok @ u.T, dim=1)                   # (B, N, H) attention of each head over the N patches
+        mean = torch.einsum("bnh,bnD->bhD", a, tok)          # (B, H, D) per-head weighted mean of the tokens
+        v = torch.einsum("bhD,hdD->bhd", mean, Wv.view(H, dh, D)) + bv.view(H, dh)   # (B, H, dh)
+        return self.attn.out_proj(v.reshape(B, D))            # (B, D), heads concatenated, output projection
+
+    def forward(self, tok):
+        return self.head(self.norm(self.pool(tok)))           # (B, L) logits
+
+
+def n_heads(dim):
+    return next(h for h in (8, 4, 2, 1) if dim % h == 0 and dim // h >= 16) if dim >= 16 else 1
+
+
+def train_loop(model, loss_fn, n, epochs, lr, wd, batch_size, seed, device):
+    """AdamW with a cosine schedule, mini-batches of row indices into the train split; loss_fn(model, idx) -> loss."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            loss = loss_fn(model, idx.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(); sched.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict_batched(fn, n, batch_size=256):
+    return torch.cat([fn(torch.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)])
+
+
+class SegHead(nn.Module):
+    """Segmentation from frozen patch tokens on a g x g grid: 'linear' = one logit per patch and structure (a 1x1 conv),
+    'decoder' = 3x3 conv -> GELU -> 2x up -> 3x3 conv -> GELU -> 1x1 conv. Both are bilinearly upsampled to the mask."""
+
+    def __init__(self, dim, n_out, kind):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Conv2d(dim, n_out, 1)
+        else:
+            self.net = nn.Sequential(nn.Conv2d(dim, 128, 3, padding=1), nn.GELU(),
+                                     nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                     nn.Conv2d(128, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, n_out, 1))
+
+    def init_bias(self, prior):
+        """Start every pixel at the train-set foreground fraction (logit): a rare structure (a nodule) then starts
+        'absent' instead of covering half the image, so short training does not decide the result."""
+        last = self.net if isinstance(self.net, nn.Conv2d) else self.net[-1]
+        with torch.no_grad():
+            last.bias.copy_(torch.logit(prior.clamp(1e-3, 1 - 1e-3)))
+
+    def forward(self, tok, out_size):                         # tok: (B, g*g, D) standardized
+        B, N, D = tok.shape
+        g = int(round(math.sqrt(N)))
+        x = tok.transpose(1, 2).reshape(B, D, g, g)           # row-major tokens -> (B, D, g, g)
+        return F.interpolate(self.net(x), size=(out_size, out_size), mode="bilinear", align_corners=False)
+
+
+def seg_loss(logits, gt, known):
+    """BCE + soft Dice per structure, over the images where that structure is annotated.
+    logits, gt: (B, S, H, W); known: (B, S) bool."""
+    k = known[:, :, None, None].float()
+    bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")
+    bce = (bce * k).sum() / (k.sum() * gt[0, 0].numel()).clamp_min(1)     # mean over annotated pixels
+    p = torch.sigmoid(logits)
+    inter = (p * gt).sum((2, 3)); total = p.sum((2, 3)) + gt.sum((2, 3))
+    soft_dice = 1 - (2 * inter + 1) / (total + 1)             # (B, S), +1 smooths the empty-vs-empty case to 0 loss
+    return bce + (soft_dice * known).sum() / known.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Running the probes for one encoder (fit on train, select on val, predict test once)
+
+def fit_classification(probe, feats, data, args, device, log):
+    """Returns test-split scores [n_test, L] (probabilities) and the chosen hyper-parameters."""
+    sp = data["split"]
+    y = torch.tensor(data["labels"], dtype=torch.float32)
+    tr, va, te = (torch.from_numpy(np.flatnonzero(sp == s)) for s in SPLITS)
+    y_val = data["labels"][va.numpy()]
+    if probe == "linear":
+        x = feats["pooled"].float()
+        mu, sd = standardizer(x[tr]); x = (x - mu) / sd
+        best = None
+        for l2 in LINEAR_L2:
+            W, b = train_linear(x[tr], y[tr], l2)
+            score = macro_auroc(y_val, (x[va] @ W + b).numpy())
+            log(f"    linear l2={l2:g}: val macro AUROC {score:.4f}")
+            if best is None or score > best[0]:
+                best = (score, l2, W, b)
+        _, l2, W, b = best
+        return torch.sigmoid(x[te] @ W + b).numpy(), {"l2": l2, "val_macro_auroc": best[0]}
+    # attentive probe on the token grid; tokens stay fp16 on the host and are standardized per batch
+    tok = feats["tokens"]
+    mu, sd = standardizer(tok[:, ::max(1, tok.shape[1] // 64)][tr])   # every k-th token is plenty for stats
+    mu, sd = mu.to(device), sd.to(device)
+    get = lambda rows: (tok[rows.cpu()].to(device).float() - mu) / sd   # noqa: E731  (B, N, D)
+    y_tr, trd = y[tr].to(device), tr.to(device)          # idx below indexes the train rows
+    best = None
+    for lr in ATTENTIVE_LR:
+        torch.manual_seed(args.seed)
+        model = AttentiveProbe(tok.shape[2], y.shape[1], n_heads(tok.shape[2])).to(device)
+        train_loop(model, lambda m, idx: masked_bce(m(get(trd[idx])), y_tr[idx]),
+                   len(tr), args.epochs, lr, 0.05, args.batch_size, args.seed, device)
+        with torch.no_grad():
+            s_val = predict_batched(lambda r: model(get(va[r])).cpu(), len(va)).numpy()
+        score = macro_auroc(y_val, s_val)
+        log(f"    attentive lr={lr:g}: val macro AUROC {score:.4f}")
+        if best is None or score > best[0]:
+            best = (score, lr, model)
+    _, lr, model = best
+    with torch.no_grad():
+        s_test = predict_batched(lambda r: torch.sigmoid(model(get(te[r]))).cpu(), len(te)).numpy()
+    return s_test, {"lr": lr, "weight_decay": 0.05, "epochs": args.epochs, "val_macro_auroc": best[0]}
+
+
+def fit_segmentation(feats, masks, data, args, device, log):
+    """Returns predicted test masks {structure: bool [n_test, R, R]} and the chosen hyper-parameters."""
+    sp = data["split"]
+    structs = data["structures"]
+    R = args.mask_size
+    gt = torch.from_numpy(np.stack([masks[s][0] for s in structs], 1))        # (N, S, R, R) bool
+    known = torch.from_numpy(np.stack([masks[s][1] for s in structs], 1))     # (N, S) bool
+    tr, va, te = (torch.from_numpy(np.flatnonzero((sp == s) & known.numpy().any(1))) for s in SPLITS)
+    if len(tr) == 0 or len(va) == 0 or len(te) == 0:
+        raise EvalError(f"{data['root']}: segmentation needs annotated masks in train, val and test "
+                        f"(found {len(tr)}/{len(va)}/{len(te)})")
+    tok = feats["tokens"]
+    mu, sd = standardizer(tok[:, ::max(1, tok.shape[1] // 64)][tr])
+    mu, sd = mu.to(device), sd.to(device)
+    get = lambda rows: (tok[rows.cpu()].to(device).float() - mu) / sd   # noqa: E731
+
+    def val_dice(model, rows):
+        with torch.no_grad():
+            pred = predict_batched(lambda r: (model(get(rows[r]), R) > 0).cpu(), len(rows), 64).numpy()
+        d = [dice_per_image(pred[:, j], gt[rows, j].numpy())[known[rows, j].numpy()] for j in range(len(structs))]
+        return float(np.mean([v.mean() for v in d if len(v)])), pred       # mean over structures annotated here
+
+    # The training loss is computed at L = 4x the token grid (64 px for 16x16 tokens), on area-averaged (soft) masks:
+    # a linear head cannot draw finer than its grid anyway, and the loss at 128 px cost 4x more (the CPU bottleneck).
+    # Dice is still measured at R.
+    g = int(round(math.sqrt(tok.shape[1])))
+    L = min(R, 4 * g)
+    gt_tr = F.adaptive_avg_pool2d(gt[tr].float(), L).to(device)               # (n_train, S, L, L) in [0, 1]
+    known_tr, trd = known[tr].to(device), tr.to(device)
+    # foreground fraction per structure over the annotated train images: (S,)
+    trn = tr.numpy()
+    prior = torch.tensor([float(masks[s][0][trn][masks[s][1][trn]].mean()) if masks[s][1][trn].any() else 0.5
+                          for s in structs])
+    best = None
+    for lr in SEG_LR:
+        torch.manual_seed(args.seed)
+        model = SegHead(tok.shape[2], len(structs), args.seg_head).to(device)
+        model.init_bias(prior.to(device))
+        train_loop(model, lambda m, idx: seg_loss(m(get(trd[idx]), L), gt_tr[idx], known_tr[idx]),
+                   len(tr), args.seg_epochs, lr, 1e-4, args.batch_size, args.seed, device)
+        score, _ = val_dice(model, va)
+        log(f"    seg ({args.seg_head}) lr={lr:g}: val mean Dice {score:.4f}")
+        if best is None or score > best[0]:
+            best = (score, lr, model)
+    _, lr, model = best
+    _, pred = val_dice(model, te)                                           # the single look at the test split
+    return {s: pred[:, j] for j, s in enumerate(structs)}, te.numpy(), \
+        {"lr": lr, "weight_decay": 1e-4, "epochs": args.seg_epochs, "head": args.seg_head, "val_mean_dice": best[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Statistics over the test split: point estimates, bootstrap CIs, paired p-values
+
+def cls_statistics(scores, data, resamples, test_rows):
+    """scores [n_test, L]. Per label: point AUROC/AUPRC, prevalence, CI, and the bootstrap samples (for paired tests).
+    resamples index positions within the test rows."""
+    y = data["labels"][test_rows]
+    per_label, samples = {}, {}
+    for j, name in enumerate(data["label_names"]):
+        k = np.isfinite(y[:, j])
+        yk, sk = y[:, j], scores[:, j]
+        n_pos = int(np.nansum(yk[k])); n_known = int(k.sum())
+        entry = {"n_pos": n_pos, "n_neg": n_known - n_pos, "prevalence": n_pos / n_known if n_known else None}
+        if n_pos == 0 or n_pos == n_known:
+            entry.update(auroc=None, auprc=None, reason=f"single class in test ({n_pos} positive of {n_known})")
+            per_label[name] = entry
+            continue
+        for metric, fn in (("auroc", auroc), ("auprc", average_precision)):
+            entry[metric] = fn(yk[k], sk[k])
+            smp = bootstrap_stat(lambda idx: fn(yk[idx][k[idx]], sk[idx][k[idx]]), resamples)
+            entry[metric + "_ci"] = percentile_ci(smp)
+            samples[(name, metric)] = smp
+        per_label[name] = entry
+    defined = [n for n in data["label_names"] if per_label[n]["auroc"] is not None]
+    macro = {}
+    for metric in ("auroc", "auprc"):
+        if defined:
+            smp = nanmean_rows(np.stack([samples[(n, metric)] for n in defined]))
+            macro[metric] = float(np.mean([per_label[n][metric] for n in defined]))
+            macro[metric + "_ci"] = percentile_ci(smp)
+            samples[("macro", metric)] = smp
+        else:
+            macro[metric] = None
+    macro["labels"] = defined
+    return {"labels": per_label, "macro": macro}, samples
+
+
+def seg_statistics(pred, masks, structs, test_rows, resamples):
+    per, samples = {}, {}
+    for s in structs:
+        gt, known = masks[s]
+        d = dice_per_image(pred[s], gt[test_rows])
+        k = known[test_rows]
+        if not k.any():
+            per[s] = {"dice": None, "reason": "no annotated test image"}
+            continue
+        smp = bootstrap_stat(lambda idx: float(d[idx][k[idx]].mean()) if k[idx].any() else None, resamples)
+        per[s] = {"dice": float(d[k].mean()), "dice_ci": percentile_ci(smp), "n": int(k.sum())}
+        samples[(s, "dice")] = smp
+    ok = [s for s in structs if per[s]["dice"] is not None]
+    if ok:
+        samples[("mean", "dice")] = nanmean_rows(np.stack([samples[(s, "dice")] for s in ok]))
+        per["mean"] = {"dice": float(np.mean([per[s]["dice"] for s in ok])),
+                       "dice_ci": percentile_ci(samples[("mean", "dice")])}
+    return per, samples
+
+
+def compare(samples_a, samples_b, stats_a, stats_b, keys):
+    """Paired p-values of A vs B for every (name, metric) both have. Returns {name: {metric: {diff, p, verdict}}}."""
+    out = {}
+    for (name, metric) in keys:
+        if (name, metric) not in samples_a or (name, metric) not in samples_b:
+            continue
+        diff = stats_a(name, metric) - stats_b(name, metric)
+        p = paired_p_value(samples_a[(name, metric)], samples_b[(name, metric)])
+        verdict = "better" if p is not None and p < 0.05 and diff > 0 else \
+            "worse" if p is not None and p < 0.05 and diff < 0 else "n.s."
+        out.setdefault(name, {})[metric] = {"diff": diff, "p": p, "verdict": verdict}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. Pictures (PIL only)
+
+COLORS = {"jepa": (200, 30, 30), "random": (30, 90, 200), "pixels": (120, 120, 120), "other": (20, 150, 60)}
+
+
+def draw_pr_curves(curves, label_names, path):
+    """curves: {label: [(name, probe, recall, precision)]}. One panel per label, attentive thick, linear thin."""
+    W, H, pad = 300, 260, 36
+    cols = min(3, max(1, len(label_names)))
+    rows = math.ceil(len(label_names) / cols)
+    img = Image.new("RGB", (cols * W, rows * H + 40), "white")
+    d = ImageDraw.Draw(img)
+    for i, lab in enumerate(label_names):
+        ox, oy = (i % cols) * W, (i // cols) * H
+        x0, y0, x1, y1 = ox + pad, oy + 20, ox + W - 10, oy + H - pad
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text((x0, oy + 4), lab, fill="black")
+        d.text((x0, y1 + 4), "0", fill="black"); d.text((x1 - 30, y1 + 4), "recall 1", fill="black")
+        d.text((ox + 4, y0), "P 1", fill="black"); d.text((ox + 4, y1 - 10), "0", fill="black")
+        for name, probe, r, p in curves.get(lab, []):
+            pts = [(x0 + float(rr) * (x1 - x0), y1 - float(pp) * (y1 - y0)) for rr, pp in zip(r, p)]
+            step = []                                    # PR curves are step functions: draw them as steps
+            for a, b in zip(pts[:-1], pts[1:]):
+                step += [a, (b[0], a[1])]
+            step.append(pts[-1])
+            d.line(step, fill=COLORS.get(name, (0, 0, 0)), width=3 if probe == "attentive" else 1)
+    x = 10
+    for name, c in COLORS.items():
+        if any(n == name for v in curves.values() for n, *_ in v):
+            d.line([(x, rows * H + 20), (x + 20, rows * H + 20)], fill=c, width=3)
+            d.text((x + 24, rows * H + 14), name, fill="black")
+            x += 90
+    d.text((x + 10, rows * H + 14), "thick = attentive, thin = linear", fill="black")
+    save_image(img, path)
+
+
+def gray_rgb(u8, size):
+    return np.asarray(Image.fromarray(u8).resize((size, size), Image.BILINEAR).convert("RGB")).astype(np.float32)
+
+
+def draw_seg_overlays(images, preds, masks, structs, test_rows, path, n_show=4, size=160):
+    """Rows: test images; columns: ground truth, then each encoder's prediction (one tint per structure)."""
+    tints = [(255, 60, 60), (60, 200, 255), (255, 220, 40), (120, 255, 120), (220, 100, 255), (255, 140, 0),
+             (0, 120, 255), (255, 255, 255)]
+    names = list(preds)
+    pick = list(range(min(n_show, len(test_rows))))
+    canvas = Image.new("RGB", ((len(names) + 1) * size, len(pick) * size + 32), "white")
+    d = ImageDraw.Draw(canvas)
+    x = 4
+    for j, s in enumerate(structs):                          # legend at the bottom: one colour per structure
+        d.rectangle([x, len(pick) * size + 20, x + 10, len(pick) * size + 30], fill=tints[j % len(tints)])
+        d.text((x + 14, len(pick) * size + 19), s, fill="black")
+        x += 20 + 7 * len(s)
+    for ci, title in enumerate(["ground truth"] + names):
+        d.text((ci * size + 4, 2), title, fill="black")
+    for ri, t in enumerate(pick):
+        base = gray_rgb(images[test_rows[t]].numpy(), size)
+        for ci in range(len(names) + 1):
+            im = base.copy()
+            for j, s in enumerate(structs):
+                m = masks[s][0][test_rows[t]] if ci == 0 else preds[names[ci - 1]][s][t]
+                m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+                im[m] = 0.55 * im[m] + 0.45 * np.array(tints[j % len(tints)])
+            canvas.paste(Image.fromarray(im.astype(np.uint8)), (ci * size, 16 + ri * size))
+    save_image(canvas, path)
+
+
+def pca_rgb(tokens):
+    """tokens [K, g*g, D] -> [K, g, g, 3] in [0, 1]: the first 3 principal components of all K*g*g patch tokens,
+    each stretched between its 1st and 99th percentile (the DINO / Rad-DINO feature pictures)."""
+    K, N, D = tokens.shape
+    g = int(round(math.sqrt(N)))
+    x = tokens.float().reshape(-1, D)
+    x = x - x.mean(0)
+    _, _, V = torch.linalg.svd(x, full_matrices=False)      # V: (D, D), rows = principal directions
+    z = x @ V[:3].T                                          # (K*N, 3)
+    lo, hi = torch.quantile(z, 0.01, dim=0), torch.quantile(z, 0.99, dim=0)
+    z = ((z - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    return z.reshape(K, g, g, 3).numpy()
+
+
+def draw_pca(images, token_sets, rows, path, size=160):
+    names = list(token_sets)
+    canvas = Image.new("RGB", ((len(names) + 1) * size, len(rows) * size + 16), "white")
+    d = ImageDraw.Draw(canvas)
+    for ci, title in enumerate(["image"] + [f"PCA {n}" for n in names]):
+        d.text((ci * size + 4, 2), title, fill="black")
+    rgbs = {n: pca_rgb(token_sets[n][rows]) for n in names}
+    for ri, r in enumerate(rows):
+        canvas.paste(Image.fromarray(gray_rgb(images[r].numpy(), size).astype(np.uint8)), (0, 16 + ri * size))
+        for ci, n in enumerate(names):
+            im = Image.fromarray((rgbs[n][ri] * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+            canvas.paste(im, ((ci + 1) * size, 16 + ri * size))
+    save_image(canvas, path)
+
+
+def save_image(img, path):
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. The markdown report
+
+def fmt(v, ci=None):
+    if v is None:
+        return "undefined"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def fmt_p(c):
+    if c is None:
+        return "-"
+    mark = {"better": " ↑", "worse": " ↓"}.get(c["verdict"], "")
+    return f"{c['p']:.3f}{mark}" if c["p"] is not None else "-"
+
+
+def make_report(m):
+    L = [f"# RadJEPA probe report", "",
+         f"checkpoint `{m['config']['ckpt']}`, data `{m['config']['data']}`, {m['config']['n_boot']} bootstrap "
+         f"resamples over test patients, 95% percentile CIs. p = paired two-sided bootstrap p-value of "
+         f"`{m['main']}` vs the named encoder (↑ significantly better, ↓ worse, at p < 0.05).", ""]
+    cls = m.get("classification", {})
+    if cls:
+        L += ["## Classification: macro means over labels", "",
+              "| encoder | probe | macro AUROC [95% CI] | macro AUPRC [95% CI] | labels better / worse vs "
+              f"`{m['compare']}`: AUROC; AUPRC |", "|---|---|---|---|---|"]
+        for key, r in cls.items():
+            enc, probe = key.split("/")
+            c = r.get("vs", {}).get(m["compare"])
+            bw = "-" if not c else (f"{c['n_better']['auroc']} / {c['n_worse']['auroc']}; {c['n_better']['auprc']} / "
+                                    f"{c['n_worse']['auprc']} (of {c['n_labels']})")
+            L.append(f"| {enc} | {probe} | {fmt(r['macro']['auroc'], r['macro'].get('auroc_ci'))} | "
+                     f"{fmt(r['macro']['auprc'], r['macro'].get('auprc_ci'))} | {bw} |")
+        for probe in m["config"]["probes"]:
+            keys = [k for k in cls if k.endswith("/" + probe)]
+            main_key = f"{m['main']}/{probe}"
+            if main_key not in cls:
+                continue
+            others = [k.split("/")[0] for k in keys if k != main_key]
+            for metric in ("auroc", "auprc"):
+                L += ["", f"### {probe} probe, {metric.upper()} per label", "",
+                      "| label | prevalence | " + " | ".join(k.split("/")[0] for k in keys) + " | " +
+                      " | ".join(f"p vs {o}" for o in others) + " |",
+                      "|---|---|" + "---|" * (len(keys) + len(others))]
+                for lab in m["labels"] + ["macro"]:
+                    main_lab = cls[main_key]["labels"].get(lab, {}) if lab != "macro" else {}
+                    prev = "-" if lab == "macro" else fmt(main_lab.get("prevalence"))
+                    cells = []
+                    for k in keys:
+                        e = cls[k]["macro"] if lab == "macro" else cls[k]["labels"][lab]
+                        cells.append(fmt(e[metric], e.get(metric + "_ci")))
+                    tests = {o: cls[main_key]["vs"].get(o, {}).get("tests", {}) for o in others}
+                    ps = [fmt_p(tests[o].get(lab, {}).get(metric)) for o in others]
+                    L.append(f"| {lab} | {prev} | " + " | ".join(cells) + " | " + " | ".join(ps) + " |")
+            notes = [f"{lab}: {e['reason']}" for lab, e in cls[main_key]["labels"].items() if e.get("reason")]
+            if notes:
+                L += [""] + [f"- {n}" for n in notes]
+    seg = m.get("segmentation", {})
+    if seg:
+        encs = list(seg)
+        others = [e for e in encs if e != m["main"]]
+        L += ["", f"## Segmentation: Dice [95% CI] ({m['config']['seg_head']} head, token grid "
+              f"{m['config']['seg_grid']}x{m['config']['seg_grid']}, masks at {m['config']['mask_size']} px)", "",
+              "| structure | " + " | ".join(encs) + " | " + " | ".join(f"p vs {o}" for o in others) + " |",
+              "|---|" + "---|" * (len(encs) + len(others))]
+        for s in m["structures"] + ["mean"]:
+            if s not in seg[encs[0]]["dice"]:
+                continue
+            cells = [fmt(seg[e]["dice"][s]["dice"], seg[e]["dice"][s].get("dice_ci")) for e in encs]
+            ps = [fmt_p(seg[m["main"]].get("vs", {}).get(o, {}).get(s, {}).get("dice")) for o in others]
+            L.append(f"| {s} | " + " | ".join(cells) + " | " + " | ".join(ps) + " |")
+    L += ["", "Pictures: `pr_curves.png`, `seg_overlays.png`, `pca_features.png`.", ""]
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 9. main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Frozen-encoder probes (classification + segmentation) for RadJEPA.")
+    p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt written by radjepa.py")
+    p.add_argument("--data", required=True, help="a prepared folder (data_prep.py layout)")
+    p.add_argument("--task", default="all", choices=["cls", "seg", "all"])
+    p.add_argument("--probe", default="all", choices=["linear", "attentive", "all"], help="classification probe(s)")
+    p.add_argument("--compare", default="random", help="'random' or another checkpoint: the paired tests' reference")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
+    p.add_argument("--img-size", type=int, default=None, help="classification resolution (default: training size)")
+    p.add_argument("--seg-img-size", type=int, default=None,
+                   help="segmentation resolution (default: the larger of the training size and 16 patches)")
+    p.add_argument("--mask-size", type=int, default=128, help="resolution at which Dice is computed")
+    p.add_argument("--pool", default="mean", choices=["mean", "last4"], help="linear probe: mean pool or last 4 blocks")
+    p.add_argument("--seg-head", default="linear", choices=["linear", "decoder"])
+    p.add_argument("--pixels-size", type=int, default=32, help="raw-pixel baseline: image downsampled to this side")
+    p.add_argument("--epochs", type=int, default=100, help="epochs of the attentive probe (small data needs many)")
+    p.add_argument("--seg-epochs", type=int, default=30, help="epochs of the segmentation head")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the random-init baseline encoder")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    p.add_argument("--no-baselines", action="store_true", help="skip the pixels baseline (random/--compare stay)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    import radjepa                                               # imported here so `eval.py --help` is instant
+    t0 = time.time()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    os.makedirs(out, exist_ok=True)
+    log_lines = []
+
+    def log(msg):
+        print(msg, flush=True); log_lines.append(msg)
+
+    # --- encoders: the checkpoint's target encoder, a random-init twin, optionally another checkpoint -------------
+    def load(path, **kw):
+        if not os.path.isfile(path):
+            raise EvalError(f"{path}: no such checkpoint")
+        try:
+            return radjepa.load_encoder(path, device=str(device), **kw)
+        except ValueError as e:
+            raise EvalError(str(e).splitlines()[0])
+    encoders = {"jepa": load(args.ckpt)}
+    encoders["random"] = load(args.ckpt, random_init=True, seed=args.random_seed)
+    if args.compare != "random":
+        encoders["other"] = load(args.compare)
+    compare_name = "random" if args.compare == "random" else "other"
+    enc0 = encoders["jepa"]
+    patch = enc0.patch_size
+    train_size = int(enc0.config.get("img_size", 224))
+    cls_size = args.img_size or train_size
+    seg_size = args.seg_img_size or max(train_size, 16 * patch)
+    for name, enc in encoders.items():
+        for s in (cls_size, seg_size):
+            if s % enc.patch_size:
+                raise EvalError(f"image size {s} is not a multiple of the patch size {enc.patch_size} ({name})")
+
+    data = read_prepared(args.data, args.task)
+    do_cls = args.task in ("cls", "all") and data["has_cls"]
+    do_seg = args.task in ("seg", "all") and bool(data["structures"])
+    if args.task == "all" and not do_cls:
+        log("skip classification: labels.csv has no label with known values in train")
+    if args.task == "all" and not do_seg:
+        log("skip segmentation: the dataset has no masks/")
+    images = load_images(data, radjepa)
+    log(f"data: {len(images)} images {tuple(images.shape[1:])}, splits "
+        f"{ {s: int((data['split'] == s).sum()) for s in SPLITS} }, labels {data['label_names']}, "
+        f"structures {data['structures']}; device {device}")
+
+    # --- features, once per (encoder, resolution); raw pixels are recomputed (cheap) -----------------------------
+    cache = os.path.join(out, "cache")
+    data_fp = file_fingerprint(os.path.join(args.data, "labels.csv"))
+    ckpt_of = {"jepa": args.ckpt, "random": args.ckpt, "other": args.compare}
+    feats = {}                                                     # (encoder, size) -> {"tokens", "pooled"}
+    sizes = sorted({*([cls_size] if do_cls else []), *([seg_size] if do_seg else [])})   # one extraction per size
+    for name, enc in encoders.items():
+        for size in sizes:
+            last4 = args.pool == "last4" and size == cls_size
+            key = {"ckpt": file_fingerprint(ckpt_of[name]), "encoder": name, "random_seed": args.random_seed
+                   if name == "random" else None, "img_size": size, "pool": "last4" if last4 else "mean",
+                   "data": data_fp, "n": len(images)}
+            tok, pooled = cached_features(cache, key, lambda: extract_tokens(
+                enc, images, size, device, args.batch_size, last4, desc=f"features {name} @{size}"))
+            feats[(name, size)] = {"tokens": tok, "pooled": pooled}
+    if not args.no_baselines:
+        for size in sizes:
+            tok, pooled = pixel_features(images, size, patch, args.pixels_size)
+            feats[("pixels", size)] = {"tokens": tok, "pooled": pooled}
+    enc_names = list(encoders) + ([] if args.no_baselines else ["pixels"])
+
+    test_rows = np.flatnonzero(data["split"] == "test")
+    pats = data["patients"][test_rows]
+    groups = [np.flatnonzero(pats == p) for p in dict.fromkeys(pats)]       # positions within test, per patient
+    resamples = bootstrap_indices(groups, args.n_boot, args.seed)
+    metrics = {"main": "jepa", "compare": compare_name, "labels": data["label_names"],
+               "structures": data["structures"] if do_seg else []}
+    probes = ["linear", "attentive"] if args.probe == "all" else [args.probe]
+
+    # --- classification ---------------------------------------------------------------------------------------------
+    curves = {}
+    if do_cls:
+        cls, samples = {}, {}
+        for name in enc_names:
+            for probe in probes:
+                log(f"classification: {name} / {probe}")
+                scores, hp = fit_classification(probe, feats[(name, cls_size)], data, args, device, log)
+                stats, smp = cls_statistics(scores, data, resamples, test_rows)
+                stats["hparams"] = hp
+                cls[f"{name}/{probe}"], samples[f"{name}/{probe}"] = stats, smp
+                y = data["labels"][test_rows]
+                for j, lab in enumerate(data["label_names"]):
+                    k = np.isfinite(y[:, j])
+                    if stats["labels"][lab]["auroc"] is not None:
+                        curves.setdefault(lab, []).append((name, probe, *pr_curve(y[k, j], scores[k, j])))
+                log(f"    test macro AUROC {fmt(stats['macro']['auroc'], stats['macro'].get('auroc_ci'))}  "
+                    f"AUPRC {fmt(stats['macro']['auprc'], stats['macro'].get('auprc_ci'))}")
+        # paired tests: the main encoder vs every other encoder, probe by probe
+        for probe in probes:
+            a = f"jepa/{probe}"
+            cls[a]["vs"] = {}
+            for other in enc_names[1:]:
+                b = f"{other}/{probe}"
+                val = lambda r: (lambda n, m: r["macro"][m] if n == "macro" else r["labels"][n][m])  # noqa: E731
+                tests = compare(samples[a], samples[b], val(cls[a]), val(cls[b]),
+                                [(n, m) for n in data["label_names"] + ["macro"] for m in ("auroc", "auprc")])
+                per = {mt: [tests[n][mt]["verdict"] for n in data["label_names"] if n in tests]
+                       for mt in ("auroc", "auprc")}
+                cls[a]["vs"][other] = {"tests": tests, "n_labels": len(per["auroc"]),
+                                       "n_better": {mt: v.count("better") for mt, v in per.items()},
+                                       "n_worse": {mt: v.count("worse") for mt, v in per.items()}}
+        metrics["classification"] = cls
+
+    # --- segmentation -----------------------------------------------------------------------------------------------
+    seg_preds = {}
+    if do_seg:
+        masks = load_masks(data, args.mask_size)
+        seg, samples = {}, {}
+        for name in enc_names:
+            log(f"segmentation: {name}")
+            pred, te_rows, hp = fit_segmentation(feats[(name, seg_size)], masks, data, args, device, log)
+            pos = {r: i for i, r in enumerate(te_rows)}
+            # resamples index all test rows; the seg test rows are those annotated: map positions, drop the others
+            seg_res = [np.array([pos[r] for r in test_rows[idx] if r in pos], dtype=int) for idx in resamples]
+            per, smp = seg_statistics(pred, masks, data["structures"], te_rows, seg_res)
+            seg[name] = {"dice": per, "hparams": hp}
+            samples[name] = smp
+            seg_preds[name] = pred
+            log(f"    test mean Dice {fmt(per.get('mean', {}).get('dice'), per.get('mean', {}).get('dice_ci'))}")
+        seg["jepa"]["vs"] = {}
+        for other in enc_names[1:]:
+            val = lambda r: (lambda n, m: r["dice"][n]["dice"])  # noqa: E731
+            seg["jepa"]["vs"][other] = compare(samples["jepa"], samples[other], val(seg["jepa"]), val(seg[other]),
+                                               [(s, "dice") for s in data["structures"] + ["mean"]])
+        metrics["segmentation"] = seg
+
+    # --- outputs ----------------------------------------------------------------------------------------------------
+    metrics["config"] = {**vars(args), "probes": probes, "cls_img_size": cls_size, "seg_img_size": seg_size,
+                         "seg_grid": seg_size // patch, "cls_grid": cls_size // patch, "device": str(device),
+                         "train_config": enc0.config, "n_test": int(len(test_rows)),
+                         "grids": {"linear_l2": LINEAR_L2, "attentive_lr": ATTENTIVE_LR, "seg_lr": SEG_LR},
+                         "bootstrap": "patients resampled with replacement, percentile 95% CI",
+                         "p_value": "min(1, 2*min((#d<=0 + 1)/(B+1), (#d>=0 + 1)/(B+1)))"}
+    metrics["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    metrics["seconds"] = round(time.time() - t0, 1)
+    metrics["log"] = log_lines                                  # the val scores of every hyper-parameter tried
+    write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
+    write_text(os.path.join(out, "report.md"), make_report(metrics))
+    if curves:
+        draw_pr_curves(curves, data["label_names"], os.path.join(out, "pr_curves.png"))
+    if seg_preds:
+        draw_seg_overlays(images, seg_preds, masks, data["structures"], te_rows, os.path.join(out, "seg_overlays.png"))
+    size = seg_size if do_seg else cls_size
+    show = list(test_rows[:4])
+    draw_pca(images, {n: feats[(n, size)]["tokens"] for n in encoders}, show, os.path.join(out, "pca_features.png"))
+    log(f"wrote {out}/metrics.json, report.md and pictures in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
