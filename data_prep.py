@@ -1030,36 +1030,26 @@ def bench(args):
         rate = len(tasks) / (time.perf_counter() - t0)
         lines.append(f"| convert 1024x1024 PNG -> 256 PNG | {w} | {rate:.1f} |")
 
-    class Folder(torch.utils.data.Dataset):
-        """The augmentation a JEPA trainer uses: random resized crop (scale 0.3-1) to 224 + horizontal flip."""
-        def __init__(self, files):
-            self.files = files
-            self.g = np.random.default_rng(0)
+    # The trainer's own loader (radjepa.CXRDataset: decode + random resized crop to 224, scale 0.3-1, no flips:
+    # laterality matters), imported here only: data_prep.py itself never depends on radjepa.py.
+    import radjepa
+    cfg = radjepa.make_config({"img_size": 224, "patch": 16})
 
-        def __len__(self):
-            return len(self.files)
-
-        def __getitem__(self, i):
-            with Image.open(self.files[i]) as im:
-                im = im.convert("L")
-                W, H = im.size
-                s = math.sqrt(self.g.uniform(0.3, 1.0)) * min(W, H)
-                x0, y0 = self.g.uniform(0, W - s), self.g.uniform(0, H - s)
-                im = im.resize((224, 224), Image.Resampling.BILINEAR, box=(x0, y0, x0 + s, y0 + s))
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None]
-            return x.flip(-1) if self.g.random() < 0.5 else x
+    def stack(items):
+        return torch.stack([x for x, _, _ in items if x is not None])
 
     rates = {}
     for name, folder in (("prepared 256 PNG", root / f"prep_w{args.workers[-1]}" / "images"), ("original 1024 PNG", raw)):
         for w in args.workers:
-            dl = torch.utils.data.DataLoader(Folder(sorted(folder.glob("*.png"))), batch_size=32, num_workers=w,
-                                             shuffle=True, drop_last=False)
+            ds = radjepa.CXRDataset([str(p) for p in sorted(folder.glob("*.png"))], cfg)
+            keys = [(int(i), int(i)) for i in np.random.default_rng(0).permutation(len(ds))]  # (image, sample seed)
+            dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=w, sampler=keys, collate_fn=stack)
             t0, n = time.perf_counter(), 0
             for _ in range(args.epochs):
                 for x in dl:
                     n += len(x)
             rates[name, w] = n / (time.perf_counter() - t0)
-            lines.append(f"| loader: {name} + RandomResizedCrop 224 + flip | {w} | {rates[name, w]:.1f} |")
+            lines.append(f"| radjepa loader: {name} + random resized crop 224 | {w} | {rates[name, w]:.1f} |")
     lines += ["", "Loader speed-up of the prepared folder over the originals: " +
               ", ".join(f"{rates['prepared 256 PNG', w] / rates['original 1024 PNG', w]:.1f}x ({w} workers)"
                         for w in args.workers), ""]

@@ -677,7 +677,7 @@ def train(c: Config):
     target = build_encoder(c).to(device).requires_grad_(False)  # the EMA copy: never trained, never DDP-wrapped
     target.load_state_dict(encoder.state_dict())
     opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999))
-    step, log_hist = 0, []
+    step = 0
     if c.resume and os.path.exists(ckpt_path):
         ck = read_checkpoint(ckpt_path)
         for m, k in ((encoder, "encoder"), (predictor, "predictor"), (target, "target_encoder")):
@@ -696,15 +696,14 @@ def train(c: Config):
     grid = (c.img_size // c.patch,) * 2
     sampler = StepBatches(len(paths), c.batch_size, c.seed, step, c.stop_at or c.steps, rank, world)
     loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, collate_fn=Collate(c),
-                                         num_workers=c.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=False, prefetch_factor=4 if c.workers else None)
+                                         num_workers=c.workers, pin_memory=device.type == "cuda")
     if c.compile:  # in place (Module.compile): state_dict keys stay clean; dynamic: packed lengths vary every step
         for m in (encoder, predictor, target):
             m.compile(dynamic=True)
     enc, pred = encoder, predictor  # we save the raw modules, never the DDP wrappers (no `module.` prefixes)
     if ddp:
-        enc = nn.parallel.DistributedDataParallel(enc, device_ids=[device.index] if device.type == "cuda" else None)
-        pred = nn.parallel.DistributedDataParallel(pred, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        enc, pred = (nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in (enc, pred))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # no scaler
 
     def checkpoint(at):
@@ -789,7 +788,6 @@ def train(c: Config):
                 rec = dict(step=step, loss=stats["loss"] / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
                            img_per_s=imgs_since / dt, ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
                            target_std=stats["std"] / n, skipped_files=n_bad, time=time.time())
-                log_hist.append(rec)
                 with open(os.path.join(c.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 tqdm.write(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | wd {wd:.3f} | ema {m:.4f} | "
@@ -822,10 +820,10 @@ def train(c: Config):
 
 
 def versions():
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
+        tv = version("triton")
+    except PackageNotFoundError:
         tv = None
     return dict(torch=str(torch.__version__), triton=tv, python=sys.version.split()[0],
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
