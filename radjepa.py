@@ -151,15 +151,16 @@ class Seqs:
     """Boundaries of S packed sequences: cu [S+1] int32, max_len, and the padding index used by the PyTorch path."""
 
     def __init__(self, lengths, device):
-        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()  # built on the CPU: no device syncs per step
         self.lengths, self.n, self.max_len = lengths.tolist(), len(lengths), int(lengths.max())
-        self.cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)  # [S+1]
+        cu = F.pad(lengths.cumsum(0), (1, 0))  # [S+1]
+        self.cu = cu.to(torch.int32).to(device)
         self.uniform = int(lengths.min()) == self.max_len  # all equal (the target encoder): a plain reshape will do
         if not self.uniform:
             j = torch.arange(self.max_len)
             self.valid = (j[None, :] < lengths[:, None]).to(device)  # [S, Lmax] which padded slots hold a token
-            pad_idx = self.cu[:-1].long().cpu()[:, None] + j[None, :]  # [S, Lmax] packed row of each padded slot
-            self.pad_idx = pad_idx.clamp(max=int(lengths.sum()) - 1).to(device)
+            pad_idx = cu[:-1, None] + j[None, :]  # [S, Lmax] packed row of each padded slot
+            self.pad_idx = pad_idx.clamp(max=int(cu[-1]) - 1).to(device)
 
 
 def attention_torch(q, k, v, seqs):
@@ -411,9 +412,9 @@ def pack_masks(masks, N):
 
 def batch_to(mb, device):
     """Move the index tensors to the device and build the two Seqs (context encoder, predictor)."""
+    seqs = dict(ctx_seqs=Seqs(mb["ctx_len"], device), pred_seqs=Seqs(mb["pred_len"], device))  # from CPU lengths
     mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
-    mb["ctx_seqs"], mb["pred_seqs"] = Seqs(mb["ctx_len"].cpu(), device), Seqs(mb["pred_len"].cpu(), device)
-    return mb
+    return {**mb, **seqs}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,10 +542,14 @@ class Collate:
     def __init__(self, cfg):
         self.cfg, self.grid = cfg, (cfg.img_size // cfg.patch,) * 2
 
+    def masks_for(self, g):  # the masks of global sample g: a pure function of (seed, g)
+        c = self.cfg
+        return sample_masks(torch.Generator().manual_seed(sample_seed(c.seed, g, 1)), self.grid, c.n_targets,
+                            c.tgt_scale, c.tgt_aspect, c.ctx_scale, c.min_ctx)
+
     def __call__(self, items):
-        c, good = self.cfg, [(x, g) for x, _, g in items if x is not None]
-        masks = [sample_masks(torch.Generator().manual_seed(sample_seed(c.seed, g, 1)), self.grid, c.n_targets,
-                              c.tgt_scale, c.tgt_aspect, c.ctx_scale, c.min_ctx) for _, g in good]
+        good = [(x, g) for x, _, g in items if x is not None]
+        masks = [self.masks_for(g) for _, g in good]
         mb = pack_masks(masks, self.grid[0] * self.grid[1]) if good else {}
         mb["imgs"] = torch.stack([x for x, _ in good]) if good else None
         mb["bad"] = [err for _, err, _ in items if err is not None]
@@ -862,8 +867,7 @@ def save_mask_picture(c, paths, png_path, n=6):
     colors = np.array([[230, 60, 60], [60, 180, 75], [245, 160, 30], [170, 60, 200], [70, 200, 220], [240, 50, 230]])
     tiles = []
     for x, _, g in items:
-        ctx, tgts = sample_masks(torch.Generator().manual_seed(sample_seed(c.seed, g, 1)), col.grid, c.n_targets,
-                                 c.tgt_scale, c.tgt_aspect, c.ctx_scale, c.min_ctx)
+        ctx, tgts = col.masks_for(g)  # exactly the masks this sample gets in training
         rgb = np.repeat(x[0].numpy()[..., None] * 255, 3, -1)
         over, cover = np.zeros(col.grid + (3,)), np.zeros(col.grid)
         over.reshape(-1, 3)[ctx.numpy()] += [60, 110, 255]
