@@ -582,6 +582,16 @@ def ema_update(target, online, m):
     torch._foreach_lerp_(t, o, 1.0 - m)
 
 
+@torch.no_grad()
+def effective_rank(x):
+    """RankMe (Garrido et al., 2023): exp(entropy of the normalised singular values) of centred features x [K, D].
+    D for isotropic features, 1 for features on a line. A JEPA can keep a healthy across-batch std while squeezing
+    its features into a few directions (dimensional collapse); target_std cannot see that, this can."""
+    s = torch.linalg.svdvals(x.float() - x.float().mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: one dict, one file, written atomically (temp file + rename): killing the process at any moment
 # leaves either the previous checkpoint or the new one, never half of one.
@@ -792,12 +802,15 @@ def train(c: Config):
                 n = stats["n"]
                 rec = dict(step=step, loss=stats["loss"] / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
                            img_per_s=imgs_since / dt, ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
-                           target_std=stats["std"] / n, skipped_files=n_bad, time=time.time())
+                           target_std=stats["std"] / n, skipped_files=n_bad, time=time.time(),
+                           # this step's target tokens, <= 4096 of them: how many directions the features use
+                           target_erank=effective_rank(h.reshape(-1, h.shape[-1])[:4096]))
                 with open(os.path.join(c.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 tqdm.write(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | wd {wd:.3f} | ema {m:.4f} | "
                            f"gnorm {rec['grad_norm']:.3f} | {rec['img_per_s']:.1f} img/s | ctx {rec['ctx_patches']:.1f} "
-                           f"tgt {rec['tgt_patches']:.1f} | std {rec['target_std']:.3f} | skipped {n_bad}")
+                           f"tgt {rec['tgt_patches']:.1f} | std {rec['target_std']:.3f} | erank {rec['target_erank']:.1f} | "
+                           f"skipped {n_bad}")
                 stats, t0, imgs_since = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0), time.time(), 0
             if step % c.ckpt_every == 0:
                 checkpoint(step)
@@ -835,7 +848,7 @@ def versions():
 
 
 def plot_log(log_path, png_path, size=(640, 360)):
-    """Loss curve (and collapse indicator) from log.jsonl as a PNG, drawn with PIL (no plotting dependency)."""
+    """Loss, target_std and target_erank (each min-max scaled) from log.jsonl as a PNG, drawn with PIL."""
     from PIL import ImageDraw
     recs = [r for r in map(json.loads, open(log_path)) if "loss" in r]
     if len(recs) < 2:
@@ -845,13 +858,16 @@ def plot_log(log_path, png_path, size=(640, 360)):
     d = ImageDraw.Draw(im)
     d.rectangle([pad, pad // 2, W - pad // 2, H - pad], outline="black")
     s0, s1 = recs[0]["step"], recs[-1]["step"]
-    for key, color in (("loss", "navy"), ("target_std", "darkorange")):
-        ys = [r[key] for r in recs]
+    for key, color in (("loss", "navy"), ("target_std", "darkorange"), ("target_erank", "seagreen")):
+        ys = [r[key] for r in recs if key in r]
+        if len(ys) != len(recs):
+            continue                                      # a log written before this field existed
         lo, hi = min(ys), max(ys) + 1e-12
         pts = [(pad + (r["step"] - s0) / max(1, s1 - s0) * (W - 1.5 * pad), H - pad - (y - lo) / (hi - lo) * (H - 1.5 * pad))
                for r, y in zip(recs, ys)]
         d.line(pts, fill=color, width=2)
-        d.text((pad + 5, pad // 2 + 5 + 14 * (key != "loss")), f"{key}: {ys[0]:.3g} -> {ys[-1]:.3g}", fill=color)
+        row = ("loss", "target_std", "target_erank").index(key)
+        d.text((pad + 5, pad // 2 + 5 + 14 * row), f"{key}: {ys[0]:.3g} -> {ys[-1]:.3g}", fill=color)
     d.text((pad, H - pad + 8), f"step {s0}", fill="black")
     d.text((W - 3 * pad, H - pad + 8), f"step {s1}", fill="black")
     tmp = png_path + ".tmp.png"

@@ -190,6 +190,19 @@ def test_ema_equals_lerp_and_target_has_no_grad():
         assert torch.equal(p, e) and p.grad is None and not p.requires_grad
 
 
+def test_effective_rank_counts_the_directions_features_use():
+    g = torch.Generator().manual_seed(0)
+    iso = torch.randn(20000, 16, generator=g)
+    assert radjepa.effective_rank(iso) == pytest.approx(16, rel=0.05)          # isotropic: every direction
+    line = torch.randn(500, 1, generator=g) * torch.randn(1, 16, generator=g) + 3.0
+    assert radjepa.effective_rank(line) == pytest.approx(1.0, abs=1e-3)        # rank 1, offset removed
+    two = torch.zeros(500, 16); two[:, :2] = torch.randn(500, 2, generator=g).sign()    # 2 equal directions
+    assert radjepa.effective_rank(two) == pytest.approx(2.0, rel=0.05)
+    scaled = iso * torch.tensor([10.0] + [1.0] * 15)                            # one dominant direction lowers it
+    assert 1 < radjepa.effective_rank(scaled) < radjepa.effective_rank(iso)
+    assert radjepa.effective_rank(torch.ones(10, 4)) == pytest.approx(1.0)      # a constant (collapsed) feature: 1
+
+
 def test_schedules_at_their_end_points():
     c = radjepa.make_config({"steps": 1000, "warmup": 100})
     assert radjepa.lr_at(0, c) == pytest.approx(c.start_lr)
@@ -320,11 +333,12 @@ def test_short_run_loss_falls_and_logs(tmp_path):
     logs = [r for r in recs if "loss" in r]
     assert len(logs) == 40
     for key in ("loss", "lr", "wd", "ema", "grad_norm", "img_per_s", "ctx_patches", "tgt_patches", "target_std",
-                "skipped_files"):
+                "target_erank", "skipped_files"):
         assert key in logs[-1]
     first, last = np.mean([r["loss"] for r in logs[:5]]), np.mean([r["loss"] for r in logs[-5:]])
     assert last < 0.7 * first, (first, last)
     assert logs[-1]["skipped_files"] > 0
+    assert all(1.0 <= r["target_erank"] <= 64 for r in logs)                # width 64
     assert (out / "loss.png").exists() and (out / "masks.png").exists()
     enc = radjepa.load_encoder(str(out / "ckpt.pt"))
     assert not enc.training and enc.patch_size == 16 and enc.embed_dim == 64 and enc.config["steps"] == 40
