@@ -5,7 +5,7 @@ The RadJEPA paper's claims are probe results: a frozen encoder, a small trained 
 Dice on anatomy, with paired significance tests between encoders. This file produces those numbers for any checkpoint
 written by radjepa.py on any prepared dataset written by data_prep.py (layout: images/, masks/, labels.csv, meta.json).
 
-    python eval.py --ckpt runs/x/ckpt.pt --data prep/ [--task cls|seg|all] [--probe linear|attentive|all]
+    python eval.py --ckpt runs/x/ckpt.pt --data prep/ [--task cls|seg|all] [--probe linear|grid|attentive|all]
                    [--compare OTHER.pt|random] [--out DIR]
 
 What one run does, top to bottom (the file reads in the same order):
@@ -15,8 +15,9 @@ What one run does, top to bottom (the file reads in the same order):
      Encoders in one run: the checkpoint's EMA target encoder ("jepa"), the same architecture randomly initialised
      ("random"), raw pixels ("pixels": a downsampled image for the linear probe, the patch's pixels as its "token"),
      and optionally a second checkpoint ("other", via --compare OTHER.pt).
-  4. probes: linear (logistic regression on mean-pooled tokens, L-BFGS), attentive (one learned query cross-attending
-     over the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
+  4. probes: linear (logistic regression on mean-pooled tokens, L-BFGS), grid (the same on tokens mean-pooled per cell
+     of a 4x4 partition of the patch grid: coarse position kept), attentive (one learned query cross-attending over
+     the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
      Hyper-parameters are chosen on the val split only; the chosen probe is applied to the test split once.
   5. report: metrics.json, report.md, pr_curves.png, seg_overlays.png, pca_features.png (all written atomically).
 
@@ -26,7 +27,9 @@ Protocol definitions (exact, so the numbers can be checked):
     distinct score thresholds (tied scores enter together), no interpolation. Prevalence = n_pos / n_known on test.
     A label whose test set holds a single class has AUROC/AUPRC null with a reason, and is left out of macro means.
   * Dice per image and structure = 2|P∩G| / (|P| + |G|) on binary masks at --mask-size, 1 when both are empty.
-    An absent mask file means "not annotated": that image is left out for that structure.
+    An absent mask file means "not annotated": that image is left out for that structure. Reported twice: the mean
+    over all annotated test images ("dice"), and over those where the structure is present ("dice_pos"; for a rare
+    finding the first is mostly empty-vs-empty = 1, the second is the lesion-segmentation number).
   * Bootstrap: B resamples (--n-boot, default 1000, seeded) of the test *patients* with replacement (all images of a
     drawn patient enter; one image per patient reduces this to the usual image bootstrap). The same resamples are used
     for every encoder, so differences are paired. 95% CI = 2.5th and 97.5th percentiles of the resampled statistic
@@ -304,6 +307,22 @@ def pixel_features(images, size, patch, pool_size):
     return torch.cat(toks), torch.cat(pools)
 
 
+def feature_geometry(tokens, rows, effective_rank, n_tokens=20000, seed=0):
+    """Label-free health of a token set [N, g*g, D] over the given image rows (the train split):
+    erank = effective rank (RankMe) of the patch tokens, erank_content = the same after removing each grid position's
+    mean over images (what differs between images), position_share = share of the token variance that is that
+    per-position mean. A JEPA whose target features squeeze into a few directions (dimensional collapse) shows a low
+    erank while its across-batch std looks healthy."""
+    t = tokens[torch.as_tensor(rows)].float()                                # (n, T, D)
+    content = t - t.mean(0, keepdim=True)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, t.shape[0] * t.shape[1], (min(n_tokens, t.shape[0] * t.shape[1]),), generator=g)
+    flat, cflat = t.reshape(-1, t.shape[2])[pick], content.reshape(-1, t.shape[2])[pick]
+    total = float(((t - t.mean((0, 1), keepdim=True)) ** 2).mean())
+    return {"dim": int(t.shape[2]), "erank": effective_rank(flat), "erank_content": effective_rank(cflat),
+            "position_share": 1.0 - float((content ** 2).mean()) / max(total, 1e-12)}
+
+
 def cached_features(cache_dir, key_fields, compute):
     """Loads features from cache_dir if this exact (checkpoint, encoder, size, pooling, dataset) was extracted before,
     else computes and saves them (atomically). Returns (tokens, pooled)."""
@@ -333,6 +352,18 @@ def standardizer(x_train):
     """Per-feature mean and std over the train rows (x_train: [N, F] or [N, T, F]); std floored to avoid 1/0."""
     flat = x_train.float().reshape(-1, x_train.shape[-1])
     return flat.mean(0), flat.std(0).clamp_min(1e-6)
+
+
+def grid_pool(tokens, G, chunk=256):
+    """tokens [N, g*g, D] (row-major grid) -> [N, G*G*D]: mean over each cell of a G x G partition of the patch grid,
+    concatenated. A linear probe on it keeps coarse position (which region holds what), as the raw-pixel probe on a
+    32x32 image does, while mean pooling (G = 1) keeps none: an enlarged heart or a blunted costophrenic angle is a
+    change in *where* things are, which a global mean cannot see."""
+    N, T, D = tokens.shape
+    g = int(round(math.sqrt(T)))
+    out = [F.adaptive_avg_pool2d(t.float().transpose(1, 2).reshape(len(t), D, g, g), G).flatten(1)
+           for t in tokens.split(chunk)]                                  # (n, D*G*G) per chunk
+    return torch.cat(out)
 
 
 def masked_bce(logits, y):
@@ -479,14 +510,14 @@ def fit_classification(probe, feats, data, args, device, log):
     y = torch.tensor(data["labels"], dtype=torch.float32)
     tr, va, te = (torch.from_numpy(np.flatnonzero(sp == s)) for s in SPLITS)
     y_val = data["labels"][va.numpy()]
-    if probe == "linear":
-        x = feats["pooled"].float()
+    if probe in ("linear", "grid"):
+        x = feats["pooled"].float() if probe == "linear" else grid_pool(feats["tokens"], args.grid)
         mu, sd = standardizer(x[tr]); x = (x - mu) / sd
         best = None
         for l2 in LINEAR_L2:
             W, b = train_linear(x[tr], y[tr], l2)
             score = macro_auroc(y_val, (x[va] @ W + b).numpy())
-            log(f"    linear l2={l2:g}: val macro AUROC {score:.4f}")
+            log(f"    {probe} l2={l2:g}: val macro AUROC {score:.4f}")
             if best is None or score > best[0]:
                 best = (score, l2, W, b)
         _, l2, W, b = best
@@ -603,22 +634,36 @@ def cls_statistics(scores, data, resamples, test_rows):
 
 
 def seg_statistics(pred, masks, structs, test_rows, resamples):
+    """Dice per structure over the annotated test images ("dice"), and over those of them where the structure is
+    present ("dice_pos"). For a finding that most images lack, "dice" is dominated by empty-vs-empty = 1 (a head that
+    never predicts anything scores the share of negatives); "dice_pos" is the lesion-segmentation number.
+    For anatomy that every image has (lungs, heart) the two are the same."""
     per, samples = {}, {}
     for s in structs:
         gt, known = masks[s]
         d = dice_per_image(pred[s], gt[test_rows])
         k = known[test_rows]
         if not k.any():
-            per[s] = {"dice": None, "reason": "no annotated test image"}
+            per[s] = {"dice": None, "dice_pos": None, "reason": "no annotated test image"}
             continue
-        smp = bootstrap_stat(lambda idx: float(d[idx][k[idx]].mean()) if k[idx].any() else None, resamples)
-        per[s] = {"dice": float(d[k].mean()), "dice_ci": percentile_ci(smp), "n": int(k.sum())}
-        samples[(s, "dice")] = smp
-    ok = [s for s in structs if per[s]["dice"] is not None]
-    if ok:
-        samples[("mean", "dice")] = nanmean_rows(np.stack([samples[(s, "dice")] for s in ok]))
-        per["mean"] = {"dice": float(np.mean([per[s]["dice"] for s in ok])),
-                       "dice_ci": percentile_ci(samples[("mean", "dice")])}
+        present = k & gt[test_rows].reshape(len(test_rows), -1).any(1)
+        per[s] = {"n": int(k.sum()), "n_pos": int(present.sum())}
+        for metric, sel in (("dice", k), ("dice_pos", present)):
+            if not sel.any():
+                per[s][metric] = None
+                continue
+            smp = bootstrap_stat(lambda idx: float(d[idx][sel[idx]].mean()) if sel[idx].any() else None, resamples)
+            per[s].update({metric: float(d[sel].mean()), metric + "_ci": percentile_ci(smp)})
+            samples[(s, metric)] = smp
+    per["mean"] = {}
+    for metric in ("dice", "dice_pos"):
+        ok = [s for s in structs if per[s].get(metric) is not None]
+        if ok:
+            samples[("mean", metric)] = nanmean_rows(np.stack([samples[(s, metric)] for s in ok]))
+            per["mean"].update({metric: float(np.mean([per[s][metric] for s in ok])),
+                                metric + "_ci": percentile_ci(samples[("mean", metric)])})
+    if not per["mean"]:
+        del per["mean"]
     return per, samples
 
 
@@ -808,15 +853,37 @@ def make_report(m):
         encs = list(seg)
         others = [e for e in encs if e != m["main"]]
         L += ["", f"## Segmentation: Dice [95% CI] ({m['config']['seg_head']} head, token grid "
-              f"{m['config']['seg_grid']}x{m['config']['seg_grid']}, masks at {m['config']['mask_size']} px)", "",
-              "| structure | " + " | ".join(encs) + " | " + " | ".join(f"p vs {o}" for o in others) + " |",
-              "|---|" + "---|" * (len(encs) + len(others))]
-        for s in m["structures"] + ["mean"]:
-            if s not in seg[encs[0]]["dice"]:
-                continue
-            cells = [fmt(seg[e]["dice"][s]["dice"], seg[e]["dice"][s].get("dice_ci")) for e in encs]
-            ps = [fmt_p(seg[m["main"]].get("vs", {}).get(o, {}).get(s, {}).get("dice")) for o in others]
-            L.append(f"| {s} | " + " | ".join(cells) + " | " + " | ".join(ps) + " |")
+              f"{m['config']['seg_grid']}x{m['config']['seg_grid']}, masks at {m['config']['mask_size']} px)"]
+        d0 = seg[encs[0]]["dice"]
+        partial = [s for s in m["structures"] if d0.get(s, {}).get("n_pos", 0) < d0.get(s, {}).get("n", 0)]
+        for metric, title in (("dice", "all annotated test images"), ("dice_pos", "test images that contain it")):
+            if metric == "dice_pos" and not partial:
+                continue                                   # every image has every structure: the same table twice
+            L += ["", f"Dice over {title}" + (" (n = images)" if metric == "dice_pos" else "") + ":", "",
+                  "| structure | " + " | ".join(encs) + " | " + " | ".join(f"p vs {o}" for o in others) + " |",
+                  "|---|" + "---|" * (len(encs) + len(others))]
+            for s in m["structures"] + ["mean"]:
+                e0 = d0.get(s)
+                if not e0 or e0.get(metric) is None:
+                    continue
+                cells = [fmt(seg[e]["dice"][s].get(metric), seg[e]["dice"][s].get(metric + "_ci")) for e in encs]
+                ps = [fmt_p(seg[m["main"]].get("vs", {}).get(o, {}).get(s, {}).get(metric)) for o in others]
+                n = f" (n={e0['n_pos']})" if metric == "dice_pos" and s != "mean" else ""
+                L.append(f"| {s}{n} | " + " | ".join(cells) + " | " + " | ".join(ps) + " |")
+        if partial:
+            L += ["", f"Most images lack {', '.join(partial)}: over all images a head that predicts nothing scores the "
+                  "share of images without it (empty vs empty = 1), so read the second table for those."]
+    geo = m.get("features")
+    if geo:
+        names = [k for k in geo if isinstance(geo[k], dict)]
+        L += ["", f"## Feature geometry (label-free; patch tokens of {geo['n_images']} train images at "
+              f"{geo['img_size']} px)", "",
+              "| encoder | dims | effective rank | effective rank, per-position mean removed | position share of variance |",
+              "|---|---|---|---|---|"]
+        L += [f"| {n} | {geo[n]['dim']} | {geo[n]['erank']:.1f} | {geo[n]['erank_content']:.1f} | "
+              f"{geo[n]['position_share']:.2f} |" for n in names]
+        L += ["", "Effective rank = exp(entropy of the normalised singular values) (RankMe): how many directions the "
+              "features really use. A low value with a healthy std is dimensional collapse."]
     L += ["", "Pictures: `pr_curves.png`, `seg_overlays.png`, `pca_features.png`.", ""]
     return "\n".join(L)
 
@@ -829,7 +896,11 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt written by radjepa.py")
     p.add_argument("--data", required=True, help="a prepared folder (data_prep.py layout)")
     p.add_argument("--task", default="all", choices=["cls", "seg", "all"])
-    p.add_argument("--probe", default="all", choices=["linear", "attentive", "all"], help="classification probe(s)")
+    p.add_argument("--probe", default=["all"], nargs="+", choices=["linear", "grid", "attentive", "all"],
+                   help="classification probe(s), one or more: linear on mean-pooled tokens, grid = linear on tokens "
+                        "mean-pooled per cell of a --grid x --grid partition (keeps coarse position), attentive (one "
+                        "learned query), all")
+    p.add_argument("--grid", type=int, default=4, help="cells per side of the grid probe's partition of the tokens")
     p.add_argument("--compare", default="random", help="'random' or another checkpoint: the paired tests' reference")
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
     p.add_argument("--img-size", type=int, default=None, help="classification resolution (default: training size)")
@@ -899,6 +970,8 @@ def run(args):
         log("skip classification: labels.csv has no label with known values in train")
     if args.task == "all" and not do_seg:
         log("skip segmentation: the dataset has no masks/")
+    if not (do_cls or do_seg):
+        raise EvalError(f"{args.data}: nothing to probe (no label with known values in train, no masks/)")
     images = load_images(data, radjepa)
     log(f"data: {len(images)} images {tuple(images.shape[1:])}, splits "
         f"{ {s: int((data['split'] == s).sum()) for s in SPLITS} }, labels {data['label_names']}, "
@@ -925,13 +998,21 @@ def run(args):
             feats[("pixels", size)] = {"tokens": tok, "pooled": pooled}
     enc_names = list(encoders) + ([] if args.no_baselines else ["pixels"])
 
+    # label-free feature health (effective rank, position share) on <= 500 train images, at the first probed size
+    geo_rows = np.flatnonzero(data["split"] == "train")[:500]
+    geometry = {name: feature_geometry(feats[(name, sizes[0])]["tokens"], geo_rows, radjepa.effective_rank)
+                for name in enc_names}
+    for name, gm in geometry.items():
+        log(f"features {name} @{sizes[0]}: effective rank {gm['erank']:.1f} of {gm['dim']} (content "
+            f"{gm['erank_content']:.1f}), position share of variance {gm['position_share']:.2f}")
+
     test_rows = np.flatnonzero(data["split"] == "test")
     pats = data["patients"][test_rows]
     groups = [np.flatnonzero(pats == p) for p in dict.fromkeys(pats)]       # positions within test, per patient
     resamples = bootstrap_indices(groups, args.n_boot, args.seed)
     metrics = {"main": "jepa", "compare": compare_name, "labels": data["label_names"],
                "structures": data["structures"] if do_seg else []}
-    probes = ["linear", "attentive"] if args.probe == "all" else [args.probe]
+    probes = [p for p in ("linear", "grid", "attentive") if p in args.probe or "all" in args.probe]
 
     # --- classification ---------------------------------------------------------------------------------------------
     curves = {}
@@ -985,9 +1066,10 @@ def run(args):
             log(f"    test mean Dice {fmt(per.get('mean', {}).get('dice'), per.get('mean', {}).get('dice_ci'))}")
         seg["jepa"]["vs"] = {}
         for other in enc_names[1:]:
-            val = lambda r: (lambda n, m: r["dice"][n]["dice"])  # noqa: E731
+            val = lambda r: (lambda n, m: r["dice"][n][m])  # noqa: E731
             seg["jepa"]["vs"][other] = compare(samples["jepa"], samples[other], val(seg["jepa"]), val(seg[other]),
-                                               [(s, "dice") for s in data["structures"] + ["mean"]])
+                                               [(s, m) for s in data["structures"] + ["mean"]
+                                                for m in ("dice", "dice_pos")])
         metrics["segmentation"] = seg
 
     # --- outputs ----------------------------------------------------------------------------------------------------
@@ -997,6 +1079,7 @@ def run(args):
                          "grids": {"linear_l2": LINEAR_L2, "attentive_lr": ATTENTIVE_LR, "seg_lr": SEG_LR},
                          "bootstrap": "patients resampled with replacement, percentile 95% CI",
                          "p_value": "min(1, 2*min((#d<=0 + 1)/(B+1), (#d>=0 + 1)/(B+1)))"}
+    metrics["features"] = {"img_size": sizes[0], "n_images": int(len(geo_rows)), **geometry}
     metrics["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["log"] = log_lines                                  # the val scores of every hyper-parameter tried

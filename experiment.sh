@@ -24,6 +24,9 @@ PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python
 #   for every encoder on these phantoms (measured), and a coarse grid caps Dice for every encoder alike.
 #   Phantoms are rendered at 256 px so the probes see real detail, not an upsampled 128 px image.
 # - attentive probe 100 epochs: with 30 it was still under-trained (test AUROC 0.5-0.6 where 100 epochs gave 0.8).
+# - three classification probes (eval.py --probe all): mean-pooled linear, grid-pooled linear (4x4 cells: keeps where
+#   things are, which is what the phantom findings change), attentive. The report also gives each encoder's
+#   effective rank (dimensional collapse shows there) and, for the findings, Dice on the images that have them.
 case "$MODE" in
   smoke)
     N=96;    SIZE=128; SEED=0

@@ -71,6 +71,42 @@ def test_dice_edge_cases():
     assert E.dice_per_image(half, full)[0] == pytest.approx(2 * 8 / (8 + 16))
 
 
+def test_seg_statistics_separates_images_that_lack_the_structure():
+    """A head that never predicts a rare finding scores the share of negatives over all images, 0 on positives."""
+    n = 10
+    gt = np.zeros((n, 4, 4), bool); gt[:3, 1:3, 1:3] = True                     # 3 of 10 images have it
+    known = np.ones(n, bool); known[9] = False                                  # one image not annotated
+    silent = np.zeros((n, 4, 4), bool)                                          # predicts nothing anywhere
+    good = gt.copy(); good[1] = False; good[1, 1, 1] = True                     # 1 of 4 pixels on image 1
+    rows = np.arange(n)
+    res = E.bootstrap_indices([np.array([i]) for i in range(n)], 50, seed=0)
+    per, smp = E.seg_statistics({"x": silent}, {"x": (gt, known)}, ["x"], rows, res)
+    assert per["x"]["n"] == 9 and per["x"]["n_pos"] == 3
+    assert per["x"]["dice"] == pytest.approx(6 / 9) and per["x"]["dice_pos"] == 0.0
+    per, _ = E.seg_statistics({"x": good}, {"x": (gt, known)}, ["x"], rows, res)
+    assert per["x"]["dice_pos"] == pytest.approx((1 + 2 * 1 / (1 + 4) + 1) / 3)
+    assert per["x"]["dice"] == pytest.approx((6 + 2 + 0.4) / 9)
+    assert per["mean"]["dice_pos"] == per["x"]["dice_pos"]
+    assert per["x"]["dice_pos_ci"][0] <= per["x"]["dice_pos"] <= per["x"]["dice_pos_ci"][1]
+    # a structure absent from every test image has no dice_pos, and the mean skips it
+    per, smp = E.seg_statistics({"x": good, "y": silent}, {"x": (gt, known), "y": (np.zeros_like(gt), known)},
+                                ["x", "y"], rows, res)
+    assert per["y"]["dice_pos"] is None and per["y"]["dice"] == 1.0
+    assert per["mean"]["dice_pos"] == per["x"]["dice_pos"] and ("y", "dice_pos") not in smp
+
+
+def test_grid_pool_is_per_cell_mean_of_the_row_major_grid():
+    torch.manual_seed(0)
+    tok = torch.randn(3, 36, 5).half()                                          # 6x6 grid, D = 5
+    g = tok.float().reshape(3, 6, 6, 5)                                         # row-major: token r*6+c at (r, c)
+    out = E.grid_pool(tok, 2, chunk=2).reshape(3, 5, 2, 2)                     # (N, D, G, G)
+    for i in range(2):
+        for j in range(2):
+            ref = g[:, 3 * i:3 * i + 3, 3 * j:3 * j + 3].mean((1, 2))         # top-left cell = rows 0-2, cols 0-2
+            assert torch.allclose(out[:, :, i, j], ref, atol=1e-6)
+    assert torch.allclose(E.grid_pool(tok, 1), tok.float().mean(1), atol=1e-6)   # G = 1 is the mean pool
+
+
 # ---------------------------------------------------------------------------------------------- bootstrap and p-values
 
 def test_bootstrap_ci_contains_estimate_and_shrinks_with_n():
@@ -150,6 +186,26 @@ def test_linear_and_attentive_probes_learn_a_separable_problem():
             assert E.auroc(data["labels"][te, j][k], scores[k, j]) > 0.9, (probe, j, hp)
 
 
+def test_grid_probe_sees_where_mean_pooling_cannot():
+    """A 'where' label: feature 0 is +1 on the left half of a 4x4 grid and -1 on the right for positives, mirrored for
+    negatives. Every image has the same mean token, so the mean-pool probe is at chance; the 2x2 grid probe is not."""
+    torch.manual_seed(0)
+    n, g, D = 200, 4, 8
+    y = torch.randint(0, 2, (n, 1)).float()
+    left = (torch.arange(g * g) % g < g // 2).float() * 2 - 1                  # +1 left columns, -1 right, row-major
+    tok = torch.randn(n, g * g, D) * 0.3
+    tok[:, :, 0] += (2 * y - 1) * left                                          # (n, 16)
+    tok = tok - tok.mean(1, keepdim=True)                                      # exactly equal means: no leak
+    data = {"split": _splits(n), "labels": y.numpy().astype(float), "label_names": ["where"]}
+    feats = {"tokens": tok.half(), "pooled": tok.mean(1)}
+    te = data["split"] == "test"
+    got = {}
+    for probe in ("linear", "grid"):
+        scores, _ = E.fit_classification(probe, feats, data, _probe_args(grid=2), torch.device("cpu"), lambda m: None)
+        got[probe] = E.auroc(data["labels"][te, 0], scores[:, 0])
+    assert got["grid"] > 0.95 and abs(got["linear"] - 0.5) < 0.2, got
+
+
 def test_seg_head_learns_a_synthetic_mask():
     """A 4x4 token grid whose first feature says 'this patch is inside the structure': Dice must be high."""
     torch.manual_seed(0)
@@ -198,7 +254,7 @@ def test_cli_end_to_end(tiny_run, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["seg_grid"] >= 16                                    # seg probed on >= 16x16 tokens by default
     cls = m["classification"]
-    assert set(cls) == {f"{e}/{p}" for e in ("jepa", "random", "pixels") for p in ("linear", "attentive")}
+    assert set(cls) == {f"{e}/{p}" for e in ("jepa", "random", "pixels") for p in ("linear", "grid", "attentive")}
     for r in cls.values():
         for lab, e in r["labels"].items():
             if e["auroc"] is None:
@@ -211,6 +267,10 @@ def test_cli_end_to_end(tiny_run, capsys):
     for st, e in m["segmentation"]["jepa"]["dice"].items():
         assert 0 <= e["dice"] <= 1
     assert "| jepa |" in (out / "report.md").read_text()
+    geo = m["features"]                                     # label-free feature health of every encoder
+    for name in ("jepa", "random", "pixels"):
+        assert 1.0 <= geo[name]["erank"] <= geo[name]["dim"] and 0.0 <= geo[name]["position_share"] <= 1.0
+    assert geo["pixels"]["dim"] == 16 * 16 + 64 and "Feature geometry" in (out / "report.md").read_text()
     assert any(f.startswith("feat_jepa") for f in os.listdir(out / "cache"))
     # a second run reuses the cached features
     capsys.readouterr()
@@ -235,7 +295,7 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_run, tmp_path, capsys):
     (tmp_path / "nolab").mkdir()
     (tmp_path / "nolab" / "labels.csv").write_text("image,patient,split\nimages/a.png,p,train\nimages/b.png,q,val\n"
                                                    "images/c.png,r,test\n")
-    for task, words in (("cls", "label columns"), ("seg", "masks")):
+    for task, words in (("cls", "label columns"), ("seg", "masks"), ("all", "nothing to")):
         assert E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "nolab"), "--task", task,
                        "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
