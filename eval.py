@@ -970,6 +970,8 @@ def run(args):
         log("skip classification: labels.csv has no label with known values in train")
     if args.task == "all" and not do_seg:
         log("skip segmentation: the dataset has no masks/")
+    if args.grid < 1:
+        raise EvalError(f"--grid must be at least 1 (got {args.grid})")
     if not (do_cls or do_seg):
         raise EvalError(f"{args.data}: nothing to probe (no label with known values in train, no masks/)")
     images = load_images(data, radjepa)

@@ -300,6 +300,8 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_run, tmp_path, capsys):
                        "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err
+    assert E.main(["--ckpt", str(ckpt), "--data", str(data), "--grid", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--grid must be at least 1" in capsys.readouterr().err
 
 
 def test_attentive_probe_equals_multihead_attention():
