@@ -587,7 +587,8 @@ def effective_rank(x):
     """RankMe (Garrido et al., 2023): exp(entropy of the normalised singular values) of centred features x [K, D].
     D for isotropic features, 1 for features on a line. A JEPA can keep a healthy across-batch std while squeezing
     its features into a few directions (dimensional collapse); target_std cannot see that, this can."""
-    s = torch.linalg.svdvals(x.float() - x.float().mean(0))
+    x = x.float()
+    s = torch.linalg.svdvals(x - x.mean(0))
     p = s / s.sum().clamp_min(1e-12)
     return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
 
@@ -858,7 +859,7 @@ def plot_log(log_path, png_path, size=(640, 360)):
     d = ImageDraw.Draw(im)
     d.rectangle([pad, pad // 2, W - pad // 2, H - pad], outline="black")
     s0, s1 = recs[0]["step"], recs[-1]["step"]
-    for key, color in (("loss", "navy"), ("target_std", "darkorange"), ("target_erank", "seagreen")):
+    for row, (key, color) in enumerate((("loss", "navy"), ("target_std", "darkorange"), ("target_erank", "seagreen"))):
         ys = [r[key] for r in recs if key in r]
         if len(ys) != len(recs):
             continue                                      # a log written before this field existed
@@ -866,7 +867,6 @@ def plot_log(log_path, png_path, size=(640, 360)):
         pts = [(pad + (r["step"] - s0) / max(1, s1 - s0) * (W - 1.5 * pad), H - pad - (y - lo) / (hi - lo) * (H - 1.5 * pad))
                for r, y in zip(recs, ys)]
         d.line(pts, fill=color, width=2)
-        row = ("loss", "target_std", "target_erank").index(key)
         d.text((pad + 5, pad // 2 + 5 + 14 * row), f"{key}: {ys[0]:.3g} -> {ys[-1]:.3g}", fill=color)
     d.text((pad, H - pad + 8), f"step {s0}", fill="black")
     d.text((W - 3 * pad, H - pad + 8), f"step {s1}", fill="black")
