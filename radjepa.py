@@ -63,6 +63,8 @@ class Config:
     heads: int = opt(12, "attention heads, encoder and predictor (set by --model unless given)")
     pred_width: int = opt(384, "predictor width: narrow, as in I-JEPA")
     pred_depth: int = opt(6, "predictor depth (set by --model unless given)")
+    target_blocks: int = opt(1, "regression target: the target encoder's last block (1, I-JEPA) or the mean of its "
+                                "last K blocks' outputs (data2vec-style); layer-normed per token either way")
     # --- multi-block masking (I-JEPA values) ---
     n_targets: int = opt(4, "target blocks per image")
     tgt_scale: tuple = opt((0.15, 0.2), "area of each target block, as a fraction of the patch grid")
@@ -135,6 +137,8 @@ def make_config(given, base=None):
         raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
     if cfg.width % cfg.heads or cfg.pred_width % cfg.heads or cfg.width % 4 or cfg.pred_width % 4:
         raise SystemExit("error: --width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+    if not 1 <= cfg.target_blocks <= cfg.depth:
+        raise SystemExit(f"error: --target-blocks must be between 1 and --depth {cfg.depth}, not {cfg.target_blocks}")
     return cfg
 
 
@@ -575,6 +579,12 @@ def ema_at(step, c):  # linear ema -> final_ema: the target moves less and less
     return c.ema + (c.final_ema - c.ema) * min(step / c.steps, 1.0)
 
 
+def target_features(target, imgs, k=1):
+    """[B, N, D] what the predictor regresses (the loss then layer-norms each token): the last block's output (k = 1),
+    or the mean of the last k blocks' outputs, each through the final norm: more than one level of abstraction."""
+    return target(imgs) if k == 1 else torch.stack(target(imgs, n_last_blocks=k)).mean(0)
+
+
 @torch.no_grad()
 def ema_update(target, online, m):
     """target <- m * target + (1 - m) * online, i.e. lerp(target, online, 1 - m)."""
@@ -764,7 +774,7 @@ def train(c: Config):
             with autocast:
                 # Step 1. targets: the EMA encoder sees the full image; no gradients flow here.
                 with torch.no_grad():
-                    h = target(imgs)  # [B, N, D]
+                    h = target_features(target, imgs, c.target_blocks)  # [B, N, D]
                 # Step 2. predictions: encode the context patches, predict every target patch.
                 z = pred(enc(imgs, mb["ctx_idx"], mb["ctx_seqs"]), mb, grid)  # [T_tgt, D]
                 # Step 3. loss on layer-normed target features at the target patches (normalised inside OPS).

@@ -190,6 +190,29 @@ def test_ema_equals_lerp_and_target_has_no_grad():
         assert torch.equal(p, e) and p.grad is None and not p.requires_grad
 
 
+def test_target_features_are_the_last_block_or_the_mean_of_the_last_k_normed_blocks():
+    """Pins the regression target of --target-blocks K, recomputed here from the ViT's parts by hand."""
+    torch.manual_seed(0)
+    enc = ViT(patch=8, width=32, depth=3, heads=2).eval()
+    with torch.no_grad():
+        for p in enc.norm.parameters():                       # a non-trivial final norm: its affine must be applied
+            p.add_(torch.randn_like(p) * 0.5)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        t = enc.patch_embed((x - radjepa.MEAN) / radjepa.STD).flatten(2).transpose(1, 2)     # [2, 16, 32]
+        h, seqs, outs = (t + radjepa.sincos_pos_embed(4, 4, 32)).flatten(0, 1), Seqs([16, 16], "cpu"), []
+        for blk in enc.blocks:
+            h = blk(h, seqs)
+            outs.append(enc.norm(h).view(2, 16, 32))          # every block's output through the final norm
+        assert torch.allclose(radjepa.target_features(enc, x, 1), outs[-1], atol=1e-6)      # I-JEPA: last block
+        for k in (2, 3):
+            want = sum(outs[-k:]) / k
+            assert torch.allclose(radjepa.target_features(enc, x, k), want, atol=1e-6)
+            assert not torch.allclose(want, outs[-1], atol=1e-3)                          # a different target
+    with pytest.raises(SystemExit, match="--target-blocks must be between 1 and --depth 6"):
+        radjepa.make_config({"depth": 6, "target_blocks": 7})
+
+
 def test_effective_rank_counts_the_directions_features_use():
     g = torch.Generator().manual_seed(0)
     iso = torch.randn(20000, 16, generator=g)
