@@ -8,6 +8,10 @@
 #   bash experiment.sh cpu   [OUT]   # the benchmark on 2 CPU cores, about 60-65 minutes
 #   bash experiment.sh cpu-long [OUT] # the same with 2,000 pretraining steps instead of 1,000, about 90 minutes
 #   bash experiment.sh gpu   [OUT]   # GPU scale (more images, larger model, more steps): sized for <= 10 min on an H200
+#   bash experiment.sh ablate [OUT] [FLAGS]  # one-factor ablations of the cpu recipe, 2 seeds each, every row probed
+#                                    # alike at 128 and 256 px -> OUT/ablation_s{steps}.md/.json; resumable. FLAGS go
+#                                    # to `eval.py ablate` (--steps N, --rows ID.., --list, --table-only; see --help).
+#                                    # Full table at the default 200 steps: ~5 h of 2 free cores (BENCHMARKS.md)
 #
 # Re-running is cheap: the dataset is kept if OUT/data/meta.json exists, pretraining resumes from OUT/jepa/ckpt.pt
 # (a finished run is not repeated), and eval.py reuses its cached features.
@@ -15,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 MODE="${1:-cpu}"
 OUT="${2:-runs/experiment_$MODE}"
+EXTRA=("${@:3}")  # ablate only: flags for eval.py ablate
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 
 # Sizes per mode, and why (measurements in BENCHMARKS.md):
@@ -34,7 +39,8 @@ case "$MODE" in
     TRAIN=(--model vit_tiny --width 64 --heads 2 --depth 2 --pred-width 32 --pred-depth 1 --patch 16 --img-size 64
            --batch-size 16 --steps 20 --warmup 4 --workers 0 --log-every 5)
     EVAL=(--img-size 128 --seg-img-size 128 --epochs 5 --seg-epochs 5 --n-boot 100 --mask-size 64 --batch-size 32) ;;
-  cpu)
+  cpu|ablate)
+    # ablate: every row of the table is this recipe with one factor changed (eval.py ablate sets steps and warmup)
     N=2000;  SIZE=256; SEED=0
     TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128
            --batch-size 64 --steps 1000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
@@ -54,7 +60,7 @@ case "$MODE" in
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
           --batch-size 256 --device cuda) ;;
   *)
-    echo "usage: bash experiment.sh smoke|cpu|cpu-long|gpu [OUT]" >&2; exit 2 ;;
+    echo "usage: bash experiment.sh smoke|cpu|cpu-long|gpu|ablate [OUT]" >&2; exit 2 ;;
 esac
 
 mkdir -p "$OUT"
@@ -67,6 +73,13 @@ if [ ! -f "$OUT/data/meta.json" ]; then
   "$PY" data_prep.py synthetic "$OUT/data" --n "$N" --size "$SIZE" --seed "$SEED"
 fi
 stamp "data"
+
+if [ "$MODE" = ablate ]; then  # N short pretraining runs + the same probes for each, then the table
+  "$PY" eval.py ablate "$OUT" --data "$OUT/data" "${EXTRA[@]}" -- "${TRAIN[@]}"
+  stamp "ablate"
+  cat "$OUT"/ablation_s*.md
+  exit 0
+fi
 
 # 2. JEPA pretraining on the train split only (radjepa.py reads split==train from a prepared folder)
 "$PY" radjepa.py --data "$OUT/data" --out "$OUT/jepa" --seed "$SEED" --resume "${TRAIN[@]}"

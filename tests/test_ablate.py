@@ -1,0 +1,126 @@
+"""The ablation harness (eval.py ablate / experiment.sh ablate): a tiny 2-row x 2-seed table end to end, the table's
+numbers recomputed from the stored test scores, and resume (finished runs are skipped, a killed run continues)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import eval as E
+import radjepa
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = ["--model", "vit_tiny", "--width", "32", "--heads", "2", "--depth", "2", "--pred-width", "16",
+          "--pred-depth", "1", "--patch", "16", "--img-size", "64", "--min-ctx", "2", "--batch-size", "8",
+          "--workers", "0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)                      # tiny work on shared cores: extra threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    subprocess.run([sys.executable, os.path.join(REPO, "data_prep.py"), "synthetic", str(root / "data"), "--n", "40",
+                    "--size", "64", "--seed", "0", "--workers", "1"], check=True, capture_output=True, timeout=120)
+    return root
+
+
+def _argv(root, *extra):
+    return ["ablate", str(root / "abl"), "--data", str(root / "data"), "--steps", "2", "--rows", "n_targets=2",
+            "--probe-sizes", "64", "128", "--epochs", "1", "--seg-epochs", "1", "--n-boot", "30", "--mask-size", "32",
+            *extra, "--", *RECIPE]
+
+
+def test_ablation_table_end_to_end_and_resume(tiny, capsys):
+    root = tiny
+    a = E.ablate_args(_argv(root)[1:])
+    assert a.rows == ["baseline", "n_targets=2"] and a.seeds == [0, 1]
+    # a run killed mid-pretraining: step 1 of 2 on disk, no result. The harness must continue it, not restart it.
+    radjepa.main(E.ablation_train_argv(a, "n_targets=2", 1) + ["--stop-at", "1"])
+    assert E.main(_argv(root)) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 1" in out
+    runs = root / "abl" / "s2"
+    for rid in ("baseline", "n_targets=2"):
+        for seed in (0, 1):
+            assert radjepa.read_checkpoint(runs / rid / f"seed{seed}" / "ckpt.pt")["step"] == 2
+    log = [json.loads(x) for x in open(runs / "n_targets=2" / "seed1" / "log.jsonl")]
+    assert [r["start_step"] for r in log if "start_step" in r] == [0, 1]    # one start, one resume
+    assert radjepa.read_checkpoint(runs / "n_targets=2" / "seed0" / "ckpt.pt")["config"]["n_targets"] == 2
+    base = root / "abl" / "baselines"
+    assert sorted(os.listdir(base)) == ["pixels_p16", "random_p16_w32_d2_h2_i64"]
+
+    t = json.loads((root / "abl" / "ablation_s2.json").read_text())
+    md = (root / "abl" / "ablation_s2.md").read_text()
+    assert "## Probed at 64 px" in md and "## Probed at 128 px" in md and "| n_targets=2 |" in md
+    assert "*random_p16_w32_d2_h2_i64*" in md and "*pixels_p16*" in md
+    data = E.read_prepared(str(root / "data"), "all")
+    test_rows = np.flatnonzero(data["split"] == "test")
+    for size in ("64", "128"):
+        rows = t["rows"][size]
+        assert list(rows) == ["baseline", "n_targets=2"]
+        for rid, row in rows.items():
+            assert row["seeds"] == [0, 1]
+            m = row["metrics"]
+            for key in ("linear/auroc", "grid/auroc", "attentive/auroc", "dice", "linear/auprc", "erank"):
+                assert len(m[key]["per_seed"]) == 2
+                assert m[key]["mean"] == pytest.approx(np.mean(m[key]["per_seed"]))    # a row = mean of its seeds
+            assert ("vs_baseline" in m["grid/auroc"]) == (rid != "baseline")
+            assert {"vs_r", "vs_px"} <= set(m["grid/auroc"])
+            assert set(row["targets"]) >= {"linear > random", "attentive > random", "dice > random",
+                                           "erank >= random", "AUPRC > best pixel probe"}
+            # the table's per-seed number is the macro AUROC of that run's stored test scores, recomputed here
+            for seed in (0, 1):
+                res = json.loads((runs / rid / f"seed{seed}" / "result.json").read_text())
+                s = np.array(res["sizes"][size]["cls"]["linear"]["scores"])
+                y = data["labels"][test_rows]
+                want = np.mean([a_ for a_ in (E.auroc(y[:, j][np.isfinite(y[:, j])], s[:, j][np.isfinite(y[:, j])])
+                                              for j in range(y.shape[1])) if a_ is not None])
+                assert m["linear/auroc"]["per_seed"][seed] == pytest.approx(want, abs=1e-6)
+                assert 1 <= res["sizes"][size]["geometry"]["erank"] <= 32
+        # the baseline's difference to random init is its mean minus the random twin's score
+        b = rows["baseline"]["metrics"]["grid/auroc"]
+        rnd = t["baselines"][size]["random_p16_w32_d2_h2_i64"]["grid/auroc"]["mean"]
+        assert b["vs_r"]["diff"] == pytest.approx(b["mean"] - rnd)
+        d = rows["n_targets=2"]["metrics"]["dice"]
+        assert d["vs_baseline"]["diff"] == pytest.approx(d["mean"] - rows["baseline"]["metrics"]["dice"]["mean"])
+
+    # resume: nothing finished is rerun (no training, no probing); results and checkpoints are untouched
+    stamp = {p: p.stat().st_mtime_ns for p in (root / "abl").rglob("*") if p.suffix in (".json", ".pt")
+             and "ablation_" not in p.name}
+    assert E.main(_argv(root)) == 0
+    out = capsys.readouterr().out
+    assert "=== " not in out and "RadJEPA |" not in out
+    assert stamp == {p: p.stat().st_mtime_ns for p in stamp}
+    # a lost result (e.g. killed while probing) is re-probed from the finished checkpoint, without retraining
+    (runs / "baseline" / "seed1" / "result.json").unlink()
+    assert E.main(_argv(root)) == 0
+    out = capsys.readouterr().out
+    assert "=== ablation row baseline" in out and "RadJEPA |" not in out
+    assert (runs / "baseline" / "seed1" / "result.json").is_file()
+
+
+def test_ablation_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
+    root = tiny
+    assert E.main(["ablate", str(tmp_path / "o"), "--data", str(root / "data"), "--rows", "nope", "--", *RECIPE]) == 2
+    assert "unknown ablation row(s) nope" in capsys.readouterr().err
+    # a row whose flags the recipe cannot take (4 target blocks of a 2-block encoder): found before anything trains
+    assert E.main(["ablate", str(tmp_path / "o"), "--data", str(root / "data"), "--rows", "target=last4",
+                   "--", *RECIPE]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.strip() == "error: row target=last4: --target-blocks must be between 1 and --depth 2, not 4"
+    assert "RadJEPA |" not in cap.out and not (tmp_path / "o" / "s200" / "baseline").exists()
+    # two harnesses on one folder would train into the same checkpoints
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "s3.lock").write_text(str(os.getppid()))          # a live process that is not us
+    assert E.main(["ablate", str(tmp_path / "o2"), "--data", str(root / "data"), "--steps", "3", "--", *RECIPE]) == 2
+    assert "is running on" in capsys.readouterr().err
