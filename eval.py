@@ -1597,6 +1597,9 @@ def _stability_md(a, data, anatomy, resamples, test_rows):
                 continue
             u = np.array([np.mean(score[(x, m, r)]) for r in common])
             v = np.array([np.mean(score[(y, m, r)]) for r in common])
+            if np.ptp(u) == 0 or np.ptp(v) == 0:
+                cells.append(f"all {len(common)} rows tie at one length")
+                continue
             rho = float(np.corrcoef(_ranks(u), _ranks(v))[0, 1])
             cells.append(f"Spearman {rho:+.2f} over {len(common)} rows")
         L.append(f"| {m} | " + " | ".join(cells) + " |")

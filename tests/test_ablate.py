@@ -108,6 +108,18 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
     assert "=== ablation row baseline" in out and "RadJEPA |" not in out
     assert (runs / "baseline" / "seed1" / "result.json").is_file()
 
+    # ranking stability between run lengths: the same three rows "run" at 2 and at 5 steps (copies of the same
+    # results) must rank identically, Spearman +1; --table-only trains nothing
+    import shutil
+    shutil.copytree(runs / "baseline", runs / "lr=3e-3")
+    for f in (runs / "lr=3e-3").glob("seed*/result.json"):
+        f.write_text(json.dumps({**json.loads(f.read_text()), "row": "lr=3e-3"}))
+    shutil.copytree(runs, root / "abl" / "s5")
+    assert E.main(["ablate", str(root / "abl"), "--data", str(root / "data"), "--steps", "5", "--table-only",
+                   "--probe-sizes", "64", "128", "--n-boot", "30", "--", *RECIPE]) == 0
+    md5 = (root / "abl" / "ablation_s5.md").read_text()
+    assert "| erank | Spearman +1.00 over 3 rows |" in md5 and "RadJEPA |" not in capsys.readouterr().out
+
 
 def test_ablation_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
     root = tiny
