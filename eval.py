@@ -1388,8 +1388,23 @@ def anatomy_structures(root, data, share=0.9):
     return out
 
 
+_SAMPLES = {}                                                   # (result file, size, resamples) -> _run_samples
+
+
 def _run_samples(res, size, data, resamples, test_rows, anatomy):
-    """One run's (point, bootstrap samples) per metric at one probe size: '<probe>/auroc', '<probe>/auprc', 'dice'."""
+    """One run's (point, bootstrap samples) per metric at one probe size: '<probe>/auroc', '<probe>/auprc', 'dice'.
+    Memoised per result file: the table is rebuilt after every run, and the bootstrap is its costly part."""
+    path = res.get("_path")
+    key = (path, os.stat(path).st_mtime_ns if path else None, size, len(resamples), tuple(anatomy))
+    if key[0] and key in _SAMPLES:
+        return _SAMPLES[key]
+    out = _run_samples_uncached(res, size, data, resamples, test_rows, anatomy)
+    if key[0]:
+        _SAMPLES[key] = out
+    return out
+
+
+def _run_samples_uncached(res, size, data, resamples, test_rows, anatomy):
     r = res["sizes"].get(str(size))
     if r is None:
         return {}
@@ -1419,7 +1434,7 @@ def write_ablation_table(a, data, anatomy, log):
     resamples = bootstrap_indices(groups, a.n_boot, 0)
     runs, failed = {}, {}
     for path in _result_paths(run_root):
-        res = json.load(open(path))
+        res = {**json.load(open(path)), "_path": path}
         if res.get("status") != "ok":
             failed.setdefault(res["row"], []).append(f"seed {res['seed']}: {res.get('error')}")
             continue
@@ -1428,7 +1443,7 @@ def write_ablation_table(a, data, anatomy, log):
     for d in (os.listdir(os.path.join(a.out, "baselines")) if os.path.isdir(os.path.join(a.out, "baselines")) else []):
         p = os.path.join(a.out, "baselines", d, "result.json")
         if os.path.isfile(p):
-            base_res[d] = json.load(open(p))
+            base_res[d] = {**json.load(open(p)), "_path": p}
     order = [r[0] for r in ABLATION_ROWS]
     meta = {r[0]: r for r in ABLATION_ROWS}
     metrics = [f"{p}/auroc" for p in CLS_PROBES] + ["dice"] + [f"{p}/auprc" for p in CLS_PROBES]
@@ -1580,7 +1595,7 @@ def _stability_md(a, data, anatomy, resamples, test_rows):
     score = {}
     for n in lengths:
         for path in _result_paths(os.path.join(a.out, f"s{n}")):
-            res = json.load(open(path))
+            res = {**json.load(open(path)), "_path": path}
             if res.get("status") == "ok":
                 for m, (pt, _) in _run_samples(res, size, data, resamples[:1], test_rows, anatomy).items():
                     score.setdefault((n, m, res["row"]), []).append(pt)
