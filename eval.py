@@ -50,6 +50,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -1258,11 +1259,13 @@ def ablate(argv):
 
     def log(msg):
         print(msg, flush=True)
+    want = {}                                                    # (row, seed) -> the run's config, all fields
     for rid in ([] if a.table_only else a.rows):                # a bad row fails now, not hours into the table
-        try:
-            radjepa.make_config(radjepa.parse_args(ablation_train_argv(a, rid, a.seeds[0])))
-        except SystemExit as e:
-            raise EvalError(f"row {rid}: {str(e.code).splitlines()[0].removeprefix('error: ')}")
+        for seed in a.seeds:
+            try:
+                want[rid, seed] = asdict(radjepa.make_config(radjepa.parse_args(ablation_train_argv(a, rid, seed))))
+            except SystemExit as e:
+                raise EvalError(f"row {rid}: {str(e.code).splitlines()[0].removeprefix('error: ')}")
     anatomy = anatomy_structures(a.data, data)
     run_root = os.path.join(a.out, f"s{a.steps}")
     rows = {r[0]: r for r in ABLATION_ROWS}
@@ -1271,6 +1274,13 @@ def ablate(argv):
         for seed in a.seeds:
             rdir = os.path.join(run_root, rid, f"seed{seed}")
             res_path = os.path.join(rdir, "result.json")
+            if os.path.isfile(os.path.join(rdir, "ckpt.pt")):  # never mix recipes in one table: a clear stop instead
+                have = radjepa.read_checkpoint(os.path.join(rdir, "ckpt.pt"))["config"]
+                diff = sorted(k for k, v in want[rid, seed].items() if k not in radjepa.RUN_FIELDS and
+                              (tuple(have[k]) if isinstance(have.get(k), list) else have.get(k)) != v)
+                if diff:
+                    raise EvalError(f"{rdir} was trained with other {', '.join(diff)} than this call asks for "
+                                    f"(recipe changed?); use another OUT or remove that folder")
             if os.path.isfile(res_path):
                 continue
             log(f"=== ablation row {rid} ({factor}: {value}), seed {seed}, {a.steps} steps -> {rdir}")

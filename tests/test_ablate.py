@@ -108,6 +108,12 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
     assert "=== ablation row baseline" in out and "RadJEPA |" not in out
     assert (runs / "baseline" / "seed1" / "result.json").is_file()
 
+    # a changed recipe is never mixed into a table of the old one
+    argv = _argv(root)
+    assert E.main(argv[:-len(RECIPE)] + [x if x != "16" or i != RECIPE.index("--pred-width") + 1 else "32"
+                                         for i, x in enumerate(RECIPE)]) == 2
+    assert "was trained with other pred_width than this call asks for" in capsys.readouterr().err
+
     # ranking stability between run lengths: the same three rows "run" at 2 and at 5 steps (copies of the same
     # results) must rank identically, Spearman +1; --table-only trains nothing
     import shutil
