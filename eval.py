@@ -1582,8 +1582,8 @@ def _ablation_md(size, summ, baselines):
     for name, b in sorted(baselines.items()):
         cells = [f"{b[k]['mean']:.3f}" + (f" [{b[k]['ci'][0]:.3f}, {b[k]['ci'][1]:.3f}]" if b[k].get("ci") else "")
                  if k in b else "-" for k in ("linear/auroc", "grid/auroc", "attentive/auroc", "dice")]
-        L.append(f"| *{name}* | reference | " + " | ".join(cells) +
-                 f" | {b['erank']['mean']:.1f} | |" if "erank" in b else " | - | |")
+        er = f"{b['erank']['mean']:.1f}" if "erank" in b else "-"
+        L.append(f"| *{name}* | reference | " + " | ".join(cells) + f" | {er} | |")
     L += ["", f"Macro AUPRC at {size} px (the issue's pixel target is on AUPRC):", "",
           "| row | linear | grid | attentive |", "|---|---|---|---|"]
     for rid, row in summ.items():
