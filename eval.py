@@ -1160,6 +1160,11 @@ def ablate_args(argv):
                         "varies warmup). Runs of different lengths live side by side, so a ranking-stability check is "
                         "one more call with another --steps (and --rows)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="pretraining seeds of every row")
+    p.add_argument("--ema-compress", action=argparse.BooleanOptionalAction, default=True,
+                   help="scale 1 - EMA momentum (start and end) by the recipe's --steps / --steps, as the LR, wd and "
+                        "warmup schedules are compressed: with the recipe's 0.996 over a 100-step run the target "
+                        "encoder (what is probed) would still be 82%% its random init (measured: its effective rank "
+                        "stayed at the random level). With it, the target moves as far as in the recipe")
     p.add_argument("--rows", nargs="+", default=None,
                    help="row ids to run (default: all, in the listed order; see --list); `baseline` is always added")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
@@ -1226,8 +1231,14 @@ def _atomic_json(path, obj):
 
 def ablation_train_argv(a, rid, seed):
     """The radjepa.py flags of one run: recipe, then the row's change, then length/seed/output (later flags win)."""
+    import radjepa
     _, _, _, flags, wu = next(r for r in ABLATION_ROWS if r[0] == rid)
-    return ["--data", a.data, *a.recipe, *flags, "--steps", str(a.steps), "--warmup", str(max(1, round(wu * a.steps))),
+    argv = ["--data", a.data, *a.recipe, *flags]
+    if a.ema_compress:  # the share of the target that is still its random init must not depend on the run length
+        c = radjepa.make_config(radjepa.parse_args(argv))       # the recipe's own length and EMA momenta (+ row's)
+        argv += [f"--{k.replace('_', '-')}={max(0.0, 1 - (1 - getattr(c, k)) * c.steps / a.steps):.6g}"
+                 for k in ("ema", "final_ema")]
+    return argv + ["--steps", str(a.steps), "--warmup", str(max(1, round(wu * a.steps))),
             "--seed", str(seed), "--out", os.path.join(a.out, f"s{a.steps}", rid, f"seed{seed}"), "--resume",
             "--device", a.device, "--log-every", str(max(1, min(20, a.steps // 10))),
             "--ckpt-every", str(max(1, a.steps // 4))]

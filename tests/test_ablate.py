@@ -15,7 +15,7 @@ import radjepa
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = ["--model", "vit_tiny", "--width", "32", "--heads", "2", "--depth", "2", "--pred-width", "16",
           "--pred-depth", "1", "--patch", "16", "--img-size", "64", "--min-ctx", "2", "--batch-size", "8",
-          "--workers", "0"]
+          "--workers", "0", "--steps", "10"]    # the recipe's length: the harness's 2-step runs compress it 5x
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,7 +55,10 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
             assert radjepa.read_checkpoint(runs / rid / f"seed{seed}" / "ckpt.pt")["step"] == 2
     log = [json.loads(x) for x in open(runs / "n_targets=2" / "seed1" / "log.jsonl")]
     assert [r["start_step"] for r in log if "start_step" in r] == [0, 1]    # one start, one resume
-    assert radjepa.read_checkpoint(runs / "n_targets=2" / "seed0" / "ckpt.pt")["config"]["n_targets"] == 2
+    c = radjepa.read_checkpoint(runs / "n_targets=2" / "seed0" / "ckpt.pt")["config"]
+    assert c["n_targets"] == 2 and c["steps"] == 2 and c["warmup"] == 1
+    # EMA compressed to the run length: 1 - 0.996 scaled by 10 / 2 steps; the end point 1.0 stays
+    assert c["ema"] == pytest.approx(0.98) and c["final_ema"] == 1.0
     base = root / "abl" / "baselines"
     assert sorted(os.listdir(base)) == ["pixels_p16", "random_p16_w32_d2_h2_i64"]
 
