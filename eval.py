@@ -20,6 +20,7 @@ What one run does, top to bottom (the file reads in the same order):
      the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
      Hyper-parameters are chosen on the val split only; the chosen probe is applied to the test split once.
   5. report: metrics.json, report.md, pr_curves.png, seg_overlays.png, pca_features.png (all written atomically).
+  `python eval.py ablate OUT ... -- RECIPE` (section 10) runs the recipe's one-factor ablation table with these probes.
 
 Protocol definitions (exact, so the numbers can be checked):
   * AUROC = Mann-Whitney U / (n_pos * n_neg), ranks with ties averaged (a tie between a positive and a negative
@@ -893,7 +894,9 @@ def make_report(m):
 # 9. main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Frozen-encoder probes (classification + segmentation) for RadJEPA.")
+    p = argparse.ArgumentParser(description="Frozen-encoder probes (classification + segmentation) for RadJEPA.",
+                                epilog="The recipe ablation table is a subcommand: eval.py ablate OUT ... "
+                                       "(see eval.py ablate --help, or bash experiment.sh ablate).")
     p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt written by radjepa.py")
     p.add_argument("--data", required=True, help="a prepared folder (data_prep.py layout)")
     p.add_argument("--task", default="all", choices=["cls", "seg", "all"])
