@@ -26,9 +26,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -102,6 +104,17 @@ PRESETS = {
 }
 # Fields whose change on --resume would not break the run (the others define the model, data or schedules).
 RUN_FIELDS = {"data", "out", "workers", "device", "kernels", "compile", "resume", "stop_at", "log_every", "ckpt_every"}
+ARCH_FIELDS = ("patch", "width", "depth", "heads", "pred_width", "pred_depth")  # the weights' shapes: fixed on --resume
+# Every flag's allowed range, checked by make_config before any work starts: (flags, allowed, test).
+RANGES = [("img_size patch width depth heads pred_width pred_depth n_targets min_ctx batch_size steps log_every "
+           "ckpt_every", "an integer >= 1", lambda v: v >= 1),
+          ("workers warmup stop_at seed", "an integer >= 0", lambda v: v >= 0),
+          ("lr start_lr final_lr wd final_wd clip", "a finite number >= 0", lambda v: 0 <= v < math.inf),
+          ("ema final_ema", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+          ("crop_scale tgt_scale ctx_scale", "LO HI with 0 < LO <= HI <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
+          ("tgt_aspect", "LO HI with 0 < LO <= HI (finite)", lambda v: 0 < v[0] <= v[1] < math.inf),
+          ("device", "auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu")),
+          ("kernels", "auto, torch or triton", lambda v: v in ("auto", "torch", "triton"))]
 
 
 def parse_args(argv=None):
@@ -122,19 +135,34 @@ def parse_args(argv=None):
 
 
 def make_config(given, base=None):
-    """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line."""
+    """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line.
+    Every value is checked here, before any work starts; a bad one is a ValueError of one line naming the flag."""
     cfg = dict(base) if base else asdict(Config())
+    unknown = sorted(set(cfg) - {f.name for f in fields(Config)})
+    if unknown:  # a checkpoint of a newer version: say what is ignored, load the rest
+        print(f"warning: ignoring unknown config key(s) {', '.join(unknown)}", file=sys.stderr)
     model = given.get("model", cfg["model"])
     if model not in PRESETS:
-        raise SystemExit(f"error: --model {model!r} is not one of {', '.join(PRESETS)}")
+        raise ValueError(f"--model {model!r} is not one of {', '.join(PRESETS)}")
     if base is None or "model" in given:
         cfg.update(PRESETS[model])
     cfg.update(given)
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in unknown})
+    for names, allowed, ok in RANGES:
+        for k in names.split():
+            v = getattr(cfg, k)
+            if not ok(v):
+                raise ValueError(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}: "
+                                 f"must be {allowed}")
+    if cfg.stop_at > cfg.steps:
+        raise ValueError(f"--stop-at {cfg.stop_at} is beyond --steps {cfg.steps}, where the schedules end")
     if cfg.img_size % cfg.patch:
-        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
+        raise ValueError(f"--img-size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
     if cfg.width % cfg.heads or cfg.pred_width % cfg.heads or cfg.width % 4 or cfg.pred_width % 4:
-        raise SystemExit("error: --width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+        raise ValueError("--width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+    for s in range(8):  # an impossible masking configuration fails now, on the real grid, not in a worker mid-run
+        sample_masks(torch.Generator().manual_seed(s), (cfg.img_size // cfg.patch,) * 2, cfg.n_targets,
+                     cfg.tgt_scale, cfg.tgt_aspect, cfg.ctx_scale, cfg.min_ctx)
     return cfg
 
 
@@ -456,18 +484,43 @@ def load_image(path):
 
 
 def list_images(root):
-    """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths."""
+    """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths.
+    A labels.csv row whose image leaves the folder, repeats an earlier row or has no valid split is an error naming
+    the row. Links are followed, but each real folder and file is visited once (a link loop cannot multiply data)."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root!r} is not a folder")
     csv_path = os.path.join(root, "labels.csv")
     if os.path.exists(csv_path):
         import csv
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        paths = [os.path.join(root, r["image"]) for r in rows if r.get("split", "train") == "train"]
+        import io
+        raw = open(csv_path, "rb").read()
+        try:
+            rows = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise SystemExit(f"error: {csv_path} line {line}: not UTF-8 text") from None
+        paths, seen = [], set()
+        for r in rows:
+            img, where = os.path.normpath(r.get("image") or ""), f"{csv_path} line {rows.line_num}"
+            why = ("image path is empty or leaves the folder" if os.path.isabs(img) or img.split(os.sep)[0] in ("..", ".") else
+                   "repeats an earlier row" if img in seen else
+                   "split must be train, val or test" if r.get("split") not in ("train", "val", "test") else None)
+            if why:
+                raise SystemExit(f"error: {where}: {why} ({r.get('image')!r}, split {r.get('split')!r})")
+            seen.add(img)
+            paths += [os.path.join(root, img)] if r["split"] == "train" else []
     else:
-        paths = [os.path.join(d, n) for d, _, names in os.walk(root, followlinks=True) for n in names
-                 if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
+        top, seen, found = os.path.realpath(root), set(), {}
+        for d, dirs, names in os.walk(root, followlinks=True):
+            real = os.path.realpath(d)
+            if real in seen or (real != top and top.startswith(real.rstrip(os.sep) + os.sep)):  # loop, or seen
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for n in names:
+                if os.path.splitext(n)[1].lower() in IMAGE_EXTS:
+                    found.setdefault(os.path.realpath(os.path.join(d, n)), os.path.join(d, n))
+        paths = list(found.values())
     if not paths:
         raise SystemExit(f"error: no training images found in {root!r} (extensions: {' '.join(sorted(IMAGE_EXTS))})")
     return sorted(paths)
@@ -594,14 +647,69 @@ def effective_rank(x):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one dict, one file, written atomically (temp file + rename): killing the process at any moment
-# leaves either the previous checkpoint or the new one, never half of one.
+# Checkpoints: one dict, one file, written atomically (temp file, fsync, rename): killing the process or the machine
+# at any moment leaves either the previous checkpoint or the new one, never half of one.
 
 
 def save_atomic(obj, path):
+    """A failed write (disk full, permissions) removes its temp file, keeps the previous checkpoint, stops in one line."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: cannot write {path}: {getattr(e, 'strerror', None) or e}; the previous "
+                         f"checkpoint is kept") from None
+
+
+def claim_out(out):
+    """Start-up checks of OUT, rank 0 only: a writable folder (a probe file is written, synced and removed), used by
+    no other live run (an exclusive lock held for this run's life, naming our pid; the OS drops the lock of a dead
+    process, so a stale one is simply taken over), and no temp checkpoints left by dead runs. -> the lock's file."""
+    import fcntl
+    try:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(0, "it is a file, not a folder")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f".probe.{os.getpid()}"), "wb") as f:
+            f.write(bytes(1 << 16)), f.flush(), os.fsync(f.fileno())
+        os.remove(f.name)
+        lock = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise SystemExit(f"error: --out {out} is in use by another run (pid {lock.read().strip() or '?'}); wait for "
+                         f"it to finish or use another --out") from None
+    lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
+    for f in os.listdir(out):  # we hold the lock, so no live run owns these
+        if f.startswith("ckpt.pt.tmp."):
+            os.remove(os.path.join(out, f))
+    return lock
+
+
+@contextmanager
+def whole_step():
+    """Ctrl-C during the update waits until optimizer step, EMA and step counter have all changed, so the checkpoint
+    written on Ctrl-C is one consistent step: resume neither repeats nor skips one."""
+    hit, hold = [], (threading.current_thread() is threading.main_thread()
+                     and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if hold:
+        signal.signal(signal.SIGINT, lambda *a: hit.append(a))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def rng_state():
@@ -635,6 +743,21 @@ def read_checkpoint(path):
     return ck
 
 
+def load_weights(ck, path, **modules):
+    """Checkpoint state dicts -> modules. NaN/Inf weights, or shapes that disagree with the checkpoint's own config,
+    are a ValueError of one line: never a traceback, never a model that quietly computes NaN."""
+    for key, m in modules.items():
+        bad = [n for n, t in (ck.get(key) or {}).items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
+        if key not in ck or bad:
+            raise ValueError(f"{path} is not a good checkpoint: " + (f"{key} has NaN/Inf weights ({bad[0]})" if bad
+                                                                    else f"it has no {key}"))
+        try:
+            m.load_state_dict(ck[key])
+        except (RuntimeError, ValueError) as e:
+            why = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1][:200]
+            raise ValueError(f"{path}: its {key} does not fit the architecture of its config: {why}") from None
+
+
 def build_encoder(c):
     return ViT(c.patch, c.width, c.depth, c.heads, ref_grid=(c.img_size // c.patch,) * 2)
 
@@ -649,7 +772,7 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
         torch.manual_seed(seed)
         enc = build_encoder(c)
     if not random_init:
-        enc.load_state_dict(ck["target_encoder"])
+        load_weights(ck, path, target_encoder=enc)
     enc.config = asdict(c)
     return enc.to(device).eval().requires_grad_(False)
 
@@ -695,16 +818,20 @@ def train(c: Config):
     opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999))
     step = 0
     if c.resume and os.path.exists(ckpt_path):
-        ck = read_checkpoint(ckpt_path)
-        for m, k in ((encoder, "encoder"), (predictor, "predictor"), (target, "target_encoder")):
-            m.load_state_dict(ck[k])
-        opt.load_state_dict(ck["optimizer"])
+        try:
+            ck = read_checkpoint(ckpt_path)
+            load_weights(ck, ckpt_path, encoder=encoder, predictor=predictor, target_encoder=target, optimizer=opt)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}") from None
         step = ck["step"]
         set_rng_state(ck["rng"])
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     elif c.resume and master:
         print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
+    if step >= (c.stop_at or c.steps):
+        raise SystemExit(f"error: {ckpt_path} is at step {step} and this run ends at step {c.stop_at or c.steps}: "
+                         f"nothing to train (raise --steps to continue it)")
 
     triton = resolve_kernels(c.kernels, device)
     use_kernels(triton)
@@ -742,7 +869,7 @@ def train(c: Config):
               f"{header['kernels']} | steps {step}->{c.stop_at or c.steps}")
     from tqdm import tqdm
     bar = tqdm(total=(c.stop_at or c.steps), initial=step, disable=not master, dynamic_ncols=True)
-    seen_bad, n_bad, t0, imgs_since = set(), 0, time.time(), 0
+    seen_bad, empty, trained, t0, imgs_since = set(), 0, 0, time.time(), 0  # bad files, batches without an image
     stats = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0)
     try:
         for mb in loader:
@@ -750,7 +877,10 @@ def train(c: Config):
                 if err not in seen_bad and master:
                     tqdm.write(f"skipping {err}")
                 seen_bad.add(err)
-                n_bad += 1
+            empty = empty + 1 if mb["imgs"] is None else 0
+            if empty >= 10:  # the data is unreadable, not unlucky: stop rather than "train" on nothing
+                raise SystemExit(f"error: 10 batches in a row held no readable image ({len(seen_bad)} distinct "
+                                 f"unreadable files so far, listed above); check --data {c.data}")
             if mb["imgs"] is None:  # the whole share of this batch was unreadable
                 step += 1
                 bar.update(1)
@@ -785,10 +915,11 @@ def train(c: Config):
                 dist.all_reduce(global_loss)
             if not torch.isfinite(global_loss).all():  # one sync per step: cheap insurance against corrupt weights
                 raise FloatingPointError(f"loss is {global_loss.item()} at step {step}")
-            opt.step()
-            # Step 4. the target encoder follows the encoder slowly.
-            ema_update(target, encoder, m)
-            step += 1
+            with whole_step():  # Ctrl-C here waits for the three lines: a checkpoint never holds half a step
+                opt.step()
+                # Step 4. the target encoder follows the encoder slowly.
+                ema_update(target, encoder, m)
+                step, trained = step + 1, trained + 1
             # ---- TRAINING STEP END ----
             with torch.no_grad():  # collapse indicator: per-dimension std across the batch of pooled target features
                 stats["std"] += h.float().mean(1).std(0).mean().item() if len(h) > 1 else 0.0
@@ -803,7 +934,7 @@ def train(c: Config):
                 n = stats["n"]
                 rec = dict(step=step, loss=stats["loss"] / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
                            img_per_s=imgs_since / dt, ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
-                           target_std=stats["std"] / n, skipped_files=n_bad, time=time.time(),
+                           target_std=stats["std"] / n, skipped_files=len(seen_bad), time=time.time(),
                            # this step's target tokens, <= 4096 of them: how many directions the features use
                            target_erank=effective_rank(h.reshape(-1, h.shape[-1])[:4096]))
                 with open(os.path.join(c.out, "log.jsonl"), "a") as f:
@@ -811,7 +942,7 @@ def train(c: Config):
                 tqdm.write(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | wd {wd:.3f} | ema {m:.4f} | "
                            f"gnorm {rec['grad_norm']:.3f} | {rec['img_per_s']:.1f} img/s | ctx {rec['ctx_patches']:.1f} "
                            f"tgt {rec['tgt_patches']:.1f} | std {rec['target_std']:.3f} | erank {rec['target_erank']:.1f} | "
-                           f"skipped {n_bad}")
+                           f"skipped {len(seen_bad)}")
                 stats, t0, imgs_since = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0), time.time(), 0
             if step % c.ckpt_every == 0:
                 checkpoint(step)
@@ -825,6 +956,9 @@ def train(c: Config):
         checkpoint(step)
         raise
     bar.close()
+    if not trained:
+        raise SystemExit(f"error: no optimisation step was taken: no batch held a readable image ({len(seen_bad)} "
+                         f"unreadable files); check --data {c.data}")
     checkpoint(step)
     if master:
         plot_log(os.path.join(c.out, "log.jsonl"), os.path.join(c.out, "loss.png"))
@@ -901,22 +1035,34 @@ def save_mask_picture(c, paths, png_path, n=6):
 
 def main(argv=None):
     given = parse_args(argv)
-    base = None
-    out = given.get("out", Config.out)
-    if given.get("resume") and os.path.exists(os.path.join(out, "ckpt.pt")):
-        base = read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]  # the run's own config; flags given override
-        base["stop_at"] = 0  # a stop point belongs to the run that stopped, not to its continuation
+    base, ck_path = None, os.path.join(given.get("out", Config.out), "ckpt.pt")
+    try:
+        if given.get("resume") and os.path.exists(ck_path):
+            base = read_checkpoint(ck_path)["config"]  # the run's own config; flags given override
+            base["stop_at"] = 0  # a stop point belongs to the run that stopped, not to its continuation
+        c = make_config(given, base)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if base:
+        arch = [f"--{k.replace('_', '-')} {getattr(c, k)} (checkpoint: {base.get(k)})" for k in ARCH_FIELDS
+                if getattr(c, k) != base.get(k)]
+        if arch:  # the weights could not load: say so before anything loads
+            raise SystemExit(f"error: --resume with a different architecture: {', '.join(arch)}; drop these flags "
+                             f"or use another --out")
         changed = sorted(k for k in given if k not in RUN_FIELDS and given[k] != base.get(k))
         if changed:
             print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
                   f"uninterrupted run")
-    c = make_config(given, base)
     if not c.data:
         raise SystemExit("error: --data is required (a folder of chest X-rays, or `python data_prep.py synthetic`)")
-    if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(os.path.join(c.out, "masks.png")):
-        os.makedirs(c.out, exist_ok=True)
-        save_mask_picture(c, list_images(c.data), os.path.join(c.out, "masks.png"))
-    return train(c)
+    lock = claim_out(c.out) if int(os.environ.get("RANK", 0)) == 0 else None  # only rank 0 writes
+    try:
+        if lock and not os.path.exists(os.path.join(c.out, "masks.png")):
+            save_mask_picture(c, list_images(c.data), os.path.join(c.out, "masks.png"))
+        return train(c)
+    finally:
+        if lock:
+            lock.close()  # releases the lock
 
 
 if __name__ == "__main__":

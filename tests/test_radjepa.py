@@ -230,7 +230,7 @@ def test_cli_forms_and_presets():
     b = radjepa.make_config(radjepa.parse_args(["--data=cxr/", "--model", "vit_small", "--depth", "4"]))
     assert a.data == b.data == "cxr/" and a.width == 384 and a.depth == 12 and b.depth == 4
     assert a.crop_scale == (0.5, 1.0)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="not a multiple"):  # a library call: ValueError; main() makes it one line
         radjepa.make_config({"img_size": 100, "patch": 16})
 
 
