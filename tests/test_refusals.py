@@ -33,6 +33,15 @@ def _torch_path():
     radjepa.use_kernels(False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on busy shared cores: extra threads only add overhead."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def images(folder, n=6, size=40, seed=0):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -265,3 +274,199 @@ def test_ctrl_c_between_optimizer_step_and_step_counter_resumes_exactly(tmp_path
         for n, t in a[k].items():
             assert torch.equal(t, b[k][n]), f"{k}.{n} differs after Ctrl-C + resume"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------------------------------------- eval.py
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A tiny prepared folder (24 synthetic phantoms at 32 px) for eval.py."""
+    out = tmp_path_factory.mktemp("prep") / "p"
+    dp.main(["synthetic", str(out), "--n", "24", "--size", "32", "--workers", "1"])
+    return out
+
+
+def copy_prepared(prepared, dst, edit_rows=None, raw=None):
+    """A copy of the prepared folder whose labels.csv rows pass through edit_rows (or are the bytes `raw`)."""
+    import shutil
+    shutil.copytree(prepared, dst)
+    if raw is not None:
+        (dst / "labels.csv").write_bytes(raw)
+    elif edit_rows:
+        rows = list(csv.reader(open(dst / "labels.csv", newline="")))
+        with open(dst / "labels.csv", "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(edit_rows(rows))
+    return dst
+
+
+def eval_refused(argv, capsys):
+    capsys.readouterr()
+    assert E.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1].split("\r")[-1]   # after any progress bars
+    assert err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("cell, shown", [("-1", "'-1'"), ("0.5", "'0.5'"), ("yes", "'yes'"), ("1.5", "'1.5'")])
+def test_eval_accepts_only_1_0_or_blank_labels(trained, prepared, tmp_path, capsys, cell, shown):
+    def poison(rows):
+        rows[4][4] = cell                                                  # line 5, column Effusion
+        return rows
+    data = copy_prepared(prepared, tmp_path / "d", poison)
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert err == f"error: {data / 'labels.csv'} line 5, column 'Effusion': label {shown} is not 1, 0 or blank " \
+                  f"(unknown); map uncertain labels first (data_prep.py --uncertain)"
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda r: r[:5] + [["../../etc/passwd"] + r[5][1:]] + r[6:], "image path '../../etc/passwd' is empty or leaves "
+                                                                    "the prepared folder"),
+    (lambda r: r[:5] + [["/tmp/x.png"] + r[5][1:]] + r[6:], "image path '/tmp/x.png' is empty or leaves the prepared "
+                                                              "folder"),
+    (lambda r: r[:5] + [r[1]] + r[6:], "image 'images/p00000_0.png' repeats line 2 (it would count twice)"),
+])
+def test_eval_refuses_rows_that_leave_the_folder_or_repeat(trained, prepared, tmp_path, capsys, edit, why):
+    data = copy_prepared(prepared, tmp_path / "d", edit)
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert err == f"error: {data / 'labels.csv'} line 6: {why}"
+
+
+def test_eval_non_utf8_labels_csv_and_bad_masks(trained, prepared, tmp_path, capsys):
+    text = (prepared / "labels.csv").read_bytes().splitlines(keepends=True)
+    data = copy_prepared(prepared, tmp_path / "d", raw=b"".join(text[:3] + [text[3].replace(b"p0", b"p\xff0")]
+                                                               + text[4:]))
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert err == f"error: {data / 'labels.csv'} line 4: not UTF-8 text (byte 0xff)"
+    data = copy_prepared(prepared, tmp_path / "e")
+    (data / "masks" / "heart" / "p00000_0.png").write_bytes(b"\x89PNG broken")
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", data, "--task", "seg", "--out", tmp_path / "o",
+                        "--seg-img-size", "32"], capsys)
+    assert err.startswith(f"error: {data / 'masks' / 'heart' / 'p00000_0.png'}: unreadable mask")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-boot", "0"], "error: --n-boot must be at least 1 (got 0)"),
+    (["--mask-size", "0"], "error: --mask-size must be at least 1 (got 0)"),
+    (["--img-size", "-32"], "error: --img-size must be at least 1 (got -32)"),
+    (["--epochs", "0"], "error: --epochs must be at least 1 (got 0)"),
+    (["--device", "tpu"], "error: --device 'tpu': must be auto, cpu, cuda or cuda:N"),
+])
+def test_eval_flags_are_checked_before_any_work(trained, tmp_path, capsys, flags, message):
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", tmp_path, "--out", tmp_path / "o"] + flags,
+                       capsys)
+    assert err == message and not (tmp_path / "o").exists()
+
+
+def test_eval_out_that_is_a_file_and_nan_checkpoint(trained, prepared, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", prepared, "--out", tmp_path / "f"], capsys)
+    assert err == f"error: --out {tmp_path / 'f'} is not writable: it is a file, not a folder"
+    _, out = bad_checkpoint(trained, tmp_path, lambda ck: ck["target_encoder"]["norm.weight"].fill_(float("nan")))
+    err = eval_refused(["--ckpt", out / "ckpt.pt", "--data", prepared, "--out", tmp_path / "o"], capsys)
+    assert err == f"error: {out / 'ckpt.pt'} is not a good checkpoint: target_encoder has NaN/Inf weights (norm.weight)"
+
+
+def test_eval_feature_cache_is_keyed_by_content_not_mtime(trained, prepared, tmp_path, capsys):
+    """Another checkpoint at the same path with the same size and mtime must not reuse the first one's features."""
+    ckpt = tmp_path / "ckpt.pt"
+    first = torch.load(trained[1] / "ckpt.pt", weights_only=True)
+    torch.save(first, ckpt)
+    st = os.stat(ckpt)
+    argv = [str(a) for a in ["--ckpt", ckpt, "--data", prepared, "--out", tmp_path / "ev", "--task", "cls", "--probe",
+                             "linear", "--n-boot", "10", "--no-baselines"]]
+    assert E.main(argv) == 0
+    capsys.readouterr()
+    for v in first["target_encoder"].values():
+        v.add_(0.01)                                                       # other weights, same layout and size
+    torch.save(first, ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(ckpt).st_size == st.st_size and os.stat(ckpt).st_mtime_ns == st.st_mtime_ns
+    assert E.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "features: cached feat_jepa" not in out and "features: cached feat_random" not in out
+    assert E.main(argv) == 0                                               # the same content again: cached
+    assert "features: cached feat_jepa" in capsys.readouterr().out
+    assert E.content_key(str(ckpt)) != E.content_key(str(trained[1] / "ckpt.pt"))
+    shutil_copy = tmp_path / "copy.pt"
+    shutil_copy.write_bytes(ckpt.read_bytes())                            # a copy keeps its key
+    assert E.content_key(str(shutil_copy)) == E.content_key(str(ckpt))
+
+
+# ------------------------------------------------------------------------------------------------------ data_prep.py
+
+def prep_refused(argv):
+    with pytest.raises(SystemExit) as e:
+        dp.main([str(a) for a in argv])
+    assert "\n" not in str(e.value.code)
+    return str(e.value.code)
+
+
+def test_prep_never_mixes_runs_with_other_parameters(tmp_path):
+    out = tmp_path / "p"
+    dp.main(["synthetic", str(out), "--n", "6", "--size", "32", "--workers", "1"])
+    before = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
+    for flags, diff in ((["--seed", "1"], "seed 0 -> 1"), (["--size", "48"], "size 32 -> 48")):
+        msg = prep_refused(["synthetic", out, "--n", "6", "--size", "32", "--workers", "1"] + flags)
+        assert msg == f"data_prep: error: {out} was prepared with other parameters ({diff}): its images would not " \
+                      f"match; rerun with --overwrite to start over, or use another folder"
+    assert {p.name: p.read_bytes() for p in (out / "images").glob("*.png")} == before
+    src = images(tmp_path / "site" / "pat1", n=2).parent
+    msg = prep_refused(["folder", src, out, "--size", "32", "--workers", "1"])
+    assert f"source synthetic -> folder, src None -> {src.resolve()}" in msg
+    # --overwrite rebuilds: the same bytes as a fresh run with the new seed
+    dp.main(["synthetic", str(out), "--n", "6", "--size", "32", "--workers", "1", "--seed", "1", "--overwrite"])
+    dp.main(["synthetic", str(tmp_path / "fresh"), "--n", "6", "--size", "32", "--workers", "1", "--seed", "1"])
+    assert {p.name: p.read_bytes() for p in (out / "images").glob("*.png")} == \
+           {p.name: p.read_bytes() for p in (tmp_path / "fresh" / "images").glob("*.png")}
+    # another --n rebuilds what differs: fewer images -> the extra ones (and their masks) go
+    dp.main(["synthetic", str(out), "--n", "3", "--size", "32", "--workers", "1", "--seed", "1"])
+    listed = {Path(r["image"]).name for r in csv.DictReader(open(out / "labels.csv"))}
+    assert len(listed) == 3 and {p.name for p in (out / "images").glob("*.png")} == listed
+    assert {p.name for p in (out / "masks").glob("*/*.png")} <= listed
+    assert json.loads((out / "meta.json").read_text())["params"]["seed"] == 1
+
+
+def test_prep_folder_skips_ct_and_mr_unless_asked(tmp_path):
+    pytest.importorskip("pydicom")
+    from test_data_prep import dicom
+    src = tmp_path / "site"
+    a = (np.arange(40 * 32).reshape(40, 32) % 4096).astype(np.uint16)
+    dicom(src / "p1" / "cxr.dcm", a, bits=12)                              # Modality CR
+    dicom(src / "p2" / "ct.dcm", a, bits=12, Modality="CT")
+    dicom(src / "p3" / "mr.dcm", a, bits=12, Modality="MR")
+    dp.main(["folder", str(src), str(tmp_path / "o"), "--size", "32", "--workers", "1"])
+    assert [p.name for p in (tmp_path / "o" / "images").iterdir()] == ["p1__cxr.png"]
+    reasons = {Path(s["file"]).name: s["reason"] for s in json.loads((tmp_path / "o" / "meta.json").read_text())
+               ["skipped"]}
+    assert reasons == {"ct.dcm": "DICOM modality CT is not a radiograph (CR/DX/DR/RG); add --modality CT to convert "
+                                 "it anyway",
+                       "mr.dcm": "DICOM modality MR is not a radiograph (CR/DX/DR/RG); add --modality MR to convert "
+                                 "it anyway"}
+    dp.main(["folder", str(src), str(tmp_path / "all"), "--size", "32", "--workers", "1", "--modality", "all"])
+    assert len(list((tmp_path / "all" / "images").iterdir())) == 3
+
+
+def test_prep_folder_non_ascii_and_clashing_names(tmp_path):
+    src = tmp_path / "site"
+    for i, folder in enumerate(["Müller", "Mäller", "p 1", "p_1", "患者"]):
+        images(src / folder, n=1, seed=i)                                  # each holds im0.png
+    os.symlink(src / "p_1" / "im0.png", src / "p_1" / "link.png")         # a link to a file already listed
+    dp.main(["folder", str(src), str(tmp_path / "o"), "--size", "32", "--workers", "1"])
+    rows = list(csv.DictReader(open(tmp_path / "o" / "labels.csv", encoding="utf-8")))
+    ids = sorted(Path(r["image"]).stem for r in rows)
+    assert len(ids) == 5 and {"Müller__im0", "Mäller__im0", "p_1__im0", "患者__im0"} <= set(ids)
+    assert any(i.startswith("p_1__im0_") for i in ids)                    # 'p 1' gets a stable hash suffix
+    assert {r["patient"] for r in rows} == {"Müller", "Mäller", "p 1", "p_1", "患者"}
+    dp.main(["folder", str(src), str(tmp_path / "o"), "--size", "32", "--workers", "1"])   # resume: same ids
+    assert sorted(Path(r["image"]).stem for r in csv.DictReader(open(tmp_path / "o" / "labels.csv"))) == ids
+    # the trainer reads it
+    assert len(radjepa.list_images(str(tmp_path / "o"))) == sum(r["split"] == "train" for r in rows)
+
+
+def test_prep_non_utf8_csv_and_bad_n(tmp_path):
+    (tmp_path / "nih").mkdir()
+    (tmp_path / "nih" / "Data_Entry_2017.csv").write_bytes(b"Image Index,Finding Labels,Patient ID\n"
+                                                           b"a.png,No Finding,1\nb.png,Hernia\xe9,2\n")
+    msg = prep_refused(["nih", tmp_path / "nih", tmp_path / "o", "--size", "32", "--workers", "1"])
+    assert msg == f"data_prep: error: {tmp_path / 'nih' / 'Data_Entry_2017.csv'} line 3: not UTF-8 text"
+    assert prep_refused(["synthetic", tmp_path / "s", "--n", "0"]) == "data_prep: error: --n must be >= 1 (got 0)"
