@@ -335,10 +335,12 @@ def find_file(root, *names):
     return None
 
 
-def index_files(root, exts):
-    """basename-without-extension -> path, for every file under root with one of `exts` (nested layouts)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
+def index_files(root, exts, skip=None):
+    """basename-without-extension -> path, for every file under root with one of `exts` (nested layouts). The folder
+    `skip` (our own OUT, when it lies inside the dataset) is never indexed: its PNGs carry the originals' names."""
+    out, skip = {}, skip and Path(skip).resolve()
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if Path(dirpath, d).resolve() != skip]
         for f in files:
             if os.path.splitext(f)[1].lower() in exts:
                 out.setdefault(os.path.splitext(f)[0], os.path.join(dirpath, f))
@@ -529,7 +531,7 @@ def src_nih(src, args):
         p = find_file(src, name)
         if p:
             lists.update({line.strip(): split for line in open(p) if line.strip()})
-    pngs = index_files(src, {".png"})  # images_001/images/*.png, images/*.png, ... all by basename
+    pngs = index_files(src, {".png"}, args.out)  # images_001/images/*.png, images/*.png, ... all by basename
     tasks, skipped = [], []
     for r in rows:
         name = r["Image Index"]
@@ -620,7 +622,7 @@ def src_mimic(src, args):
 def src_vindr(src, args):
     """VinDr-CXR, PhysioNet layout (annotations/image_labels_{train,test}.csv) or Kaggle layout (train.csv)."""
     src = Path(src)
-    dicoms = index_files(src, {".dicom", ".dcm"})
+    dicoms = index_files(src, {".dicom", ".dcm"}, args.out)
     votes = {}  # image_id -> (split, {label: [positive reads]}, n_readers)
     phys = find_file(src, "annotations/image_labels_train.csv")
     if phys:
@@ -670,7 +672,8 @@ def src_rsna(src, args):
     target = {}
     for r in read_csv(p, ["patientId", "Target"]):  # one row per box; negatives have no box and Target 0
         target[r["patientId"]] = max(target.get(r["patientId"], 0), int(float(r["Target"] or 0)))
-    dicoms = index_files(src / "stage_2_train_images" if (src / "stage_2_train_images").exists() else src, {".dcm"})
+    dicoms = index_files(src / "stage_2_train_images" if (src / "stage_2_train_images").exists() else src, {".dcm"},
+                         args.out)
     tasks, skipped = [], []
     for pid, t in target.items():
         if pid not in dicoms:
@@ -692,7 +695,7 @@ def src_siim(src, args):
         if r["EncodedPixels"] not in ("-1", ""):  # -1 = no pneumothorax; several rows = several components
             rles[r["ImageId"]].append(r["EncodedPixels"])
     mode = "relative" if p.name == "train-rle.csv" else "auto"
-    dicoms = index_files(src, {".dcm"})  # dicom-images-train/<study>/<series>/<sop>.dcm
+    dicoms = index_files(src, {".dcm"}, args.out)  # dicom-images-train/<study>/<series>/<sop>.dcm
     tasks, skipped = [], []
     for img, rl in rles.items():
         if img not in dicoms:

@@ -22,6 +22,7 @@ Run:   python radjepa.py --data cxr/                        (a folder of images,
 Import: from radjepa import load_encoder, sample_masks, ViT, Predictor   (importing starts nothing)
 """
 import argparse
+import io
 import json
 import math
 import os
@@ -136,10 +137,9 @@ def parse_args(argv=None):
 
 def make_config(given, base=None):
     """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line.
-    Every value is checked here, before any work starts; a bad one is a ValueError of one line naming the flag."""
+    Every value is checked here, before any work starts: a bad one is a one-line ValueError naming the flag."""
     cfg = dict(base) if base else asdict(Config())
-    unknown = sorted(set(cfg) - {f.name for f in fields(Config)})
-    if unknown:  # a checkpoint of a newer version: say what is ignored, load the rest
+    if unknown := sorted(set(cfg) - {f.name for f in fields(Config)}):  # a checkpoint of a newer version
         print(f"warning: ignoring unknown config key(s) {', '.join(unknown)}", file=sys.stderr)
     model = given.get("model", cfg["model"])
     if model not in PRESETS:
@@ -149,11 +149,9 @@ def make_config(given, base=None):
     cfg.update(given)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in unknown})
     for names, allowed, ok in RANGES:
-        for k in names.split():
-            v = getattr(cfg, k)
-            if not ok(v):
-                raise ValueError(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}: "
-                                 f"must be {allowed}")
+        for k, v in ((k, getattr(cfg, k)) for k in names.split() if not ok(getattr(cfg, k))):
+            raise ValueError(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}: "
+                             f"must be {allowed}")
     if cfg.stop_at > cfg.steps:
         raise ValueError(f"--stop-at {cfg.stop_at} is beyond --steps {cfg.steps}, where the schedules end")
     if cfg.img_size % cfg.patch:
@@ -483,43 +481,38 @@ def load_image(path):
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
-def list_images(root):
+def list_images(root, out=None):
     """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths.
-    A labels.csv row whose image leaves the folder, repeats an earlier row or has no valid split is an error naming
-    the row. Links are followed, but each real folder and file is visited once (a link loop cannot multiply data)."""
+    A labels.csv row that leaves the folder, repeats, or has no train/val/test split stops the run naming the row."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root!r} is not a folder")
-    csv_path = os.path.join(root, "labels.csv")
+    csv_path, paths, seen = os.path.join(root, "labels.csv"), [], set()
     if os.path.exists(csv_path):
         import csv
-        import io
         raw = open(csv_path, "rb").read()
         try:
             rows = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise SystemExit(f"error: {csv_path} line {line}: not UTF-8 text") from None
-        paths, seen = [], set()
+        except UnicodeDecodeError as e:  # (10 = the newline byte)
+            raise SystemExit(f"error: {csv_path} line {raw.count(10, 0, e.start) + 1}: not UTF-8 text") from None
         for r in rows:
-            img, where = os.path.normpath(r.get("image") or ""), f"{csv_path} line {rows.line_num}"
-            why = ("image path is empty or leaves the folder" if os.path.isabs(img) or img.split(os.sep)[0] in ("..", ".") else
-                   "repeats an earlier row" if img in seen else
-                   "split must be train, val or test" if r.get("split") not in ("train", "val", "test") else None)
+            img = os.path.normpath(r.get("image") or ".")
+            why = ("image path is empty or leaves the folder" if os.path.isabs(img) or img.split(os.sep)[0] in ("..", ".")
+                   else "repeats an earlier row" if img in seen else None if r.get("split") in ("train", "val", "test")
+                   else "split must be train, val or test")
             if why:
-                raise SystemExit(f"error: {where}: {why} ({r.get('image')!r}, split {r.get('split')!r})")
+                raise SystemExit(f"error: {csv_path} line {rows.line_num}: {why} ({r.get('image')!r}, split "
+                                 f"{r.get('split')!r})")
             seen.add(img)
-            paths += [os.path.join(root, img)] if r["split"] == "train" else []
-    else:
-        top, seen, found = os.path.realpath(root), set(), {}
+            paths += [os.path.join(root, img)] * (r["split"] == "train")
+    else:  # links are followed, but each real folder and file only once: a loop or a link back up adds nothing
+        top, found = os.path.realpath(root), {}
+        seen = {os.path.realpath(out)} - {top} if out else set()  # OUT inside the data: its pictures are not data
         for d, dirs, names in os.walk(root, followlinks=True):
-            real = os.path.realpath(d)
-            if real in seen or (real != top and top.startswith(real.rstrip(os.sep) + os.sep)):  # loop, or seen
-                dirs[:] = []
-                continue
+            if (real := os.path.realpath(d)) in seen or top.startswith(real + os.sep):
+                dirs[:], names = [], []
             seen.add(real)
-            for n in names:
-                if os.path.splitext(n)[1].lower() in IMAGE_EXTS:
-                    found.setdefault(os.path.realpath(os.path.join(d, n)), os.path.join(d, n))
+            for p in (os.path.join(d, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTS):
+                found.setdefault(os.path.realpath(p), p)  # the first path of a file wins
         paths = list(found.values())
     if not paths:
         raise SystemExit(f"error: no training images found in {root!r} (extensions: {' '.join(sorted(IMAGE_EXTS))})")
@@ -652,62 +645,50 @@ def effective_rank(x):
 
 
 def save_atomic(obj, path):
-    """A failed write (disk full, permissions) removes its temp file, keeps the previous checkpoint, stops in one line."""
+    """A failed write (disk full, ...) removes its temp file, keeps the previous checkpoint and stops in one line."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
+            torch.save(obj, f), f.flush(), os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise SystemExit(f"error: cannot write {path}: {getattr(e, 'strerror', None) or e}; the previous "
-                         f"checkpoint is kept") from None
+        os.remove(tmp) if os.path.lexists(tmp) else None
+        raise SystemExit(f"error: cannot write {path}: {getattr(e, 'strerror', 0) or e}; the previous checkpoint "
+                         f"is kept") from None
 
 
 def claim_out(out):
-    """Start-up checks of OUT, rank 0 only: a writable folder (a probe file is written, synced and removed), used by
-    no other live run (an exclusive lock held for this run's life, naming our pid; the OS drops the lock of a dead
-    process, so a stale one is simply taken over), and no temp checkpoints left by dead runs. -> the lock's file."""
+    """Rank 0, before any work: OUT must be a writable folder that no live run uses (a lock for this run's life; the
+    OS drops a dead process's lock, so a stale one is taken over). -> the open lock file, which holds our pid."""
     import fcntl
     try:
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise NotADirectoryError(0, "it is a file, not a folder")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f".probe.{os.getpid()}"), "wb") as f:
             f.write(bytes(1 << 16)), f.flush(), os.fsync(f.fileno())
         os.remove(f.name)
         lock = open(os.path.join(out, ".lock"), "a+")
-    except OSError as e:
-        raise SystemExit(f"error: --out {out} is not writable: {e.strerror or e}") from None
-    try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise SystemExit(f"error: --out {out} is in use by another run (pid {lock.read().strip() or '?'}); wait for "
-                         f"it to finish or use another --out") from None
+    except BlockingIOError:
+        raise SystemExit(f"error: --out {out} is in use by another run (pid {open(lock.name).read().strip() or '?'}); "
+                         f"wait for it to finish or use another --out") from None
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} is not a writable folder ({e.strerror or e})") from None
     lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
-    for f in os.listdir(out):  # we hold the lock, so no live run owns these
-        if f.startswith("ckpt.pt.tmp."):
-            os.remove(os.path.join(out, f))
+    for f in (f for f in os.listdir(out) if f.startswith("ckpt.pt.tmp.")):  # no live run owns these: we hold the lock
+        os.remove(os.path.join(out, f))
     return lock
 
 
 @contextmanager
 def whole_step():
-    """Ctrl-C during the update waits until optimizer step, EMA and step counter have all changed, so the checkpoint
-    written on Ctrl-C is one consistent step: resume neither repeats nor skips one."""
-    hit, hold = [], (threading.current_thread() is threading.main_thread()
-                     and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if hold:
-        signal.signal(signal.SIGINT, lambda *a: hit.append(a))
+    """Ctrl-C is held until optimizer step, EMA and step counter have all changed: resume never repeats or skips one."""
+    hit, hold = [], (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                     and threading.current_thread() is threading.main_thread())  # else Ctrl-C is not ours to hold
+    signal.signal(signal.SIGINT, lambda *a: hit.append(a)) if hold else None
     try:
         yield
     finally:
-        if hold:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler) if hold else None
     if hit:
         raise KeyboardInterrupt
 
@@ -744,18 +725,17 @@ def read_checkpoint(path):
 
 
 def load_weights(ck, path, **modules):
-    """Checkpoint state dicts -> modules. NaN/Inf weights, or shapes that disagree with the checkpoint's own config,
-    are a ValueError of one line: never a traceback, never a model that quietly computes NaN."""
+    """Checkpoint state dicts -> modules; NaN/Inf weights or shapes that disagree with its config: one-line ValueError."""
     for key, m in modules.items():
-        bad = [n for n, t in (ck.get(key) or {}).items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
+        bad = [n for n, t in ck.get(key, {}).items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
         if key not in ck or bad:
-            raise ValueError(f"{path} is not a good checkpoint: " + (f"{key} has NaN/Inf weights ({bad[0]})" if bad
-                                                                    else f"it has no {key}"))
+            raise ValueError(f"{path} is not a good checkpoint: {key} " + (f"has NaN/Inf weights ({bad[0]})" if bad
+                                                                          else "is missing"))
         try:
             m.load_state_dict(ck[key])
-        except (RuntimeError, ValueError) as e:
-            why = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1][:200]
-            raise ValueError(f"{path}: its {key} does not fit the architecture of its config: {why}") from None
+        except (RuntimeError, ValueError) as e:  # the last line of PyTorch's message names the first mismatch
+            raise ValueError(f"{path}: its {key} does not fit the architecture of its config: "
+                             f"{str(e).strip().splitlines()[-1].strip()[:200]}") from None
 
 
 def build_encoder(c):
@@ -829,13 +809,13 @@ def train(c: Config):
             print(f"resumed from {ckpt_path} at step {step}")
     elif c.resume and master:
         print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
-    if step >= (c.stop_at or c.steps):
-        raise SystemExit(f"error: {ckpt_path} is at step {step} and this run ends at step {c.stop_at or c.steps}: "
+    if step >= (c.stop_at or c.steps):  # a run of zero steps is not a success
+        raise SystemExit(f"error: {ckpt_path} is at step {step}, this run ends at step {c.stop_at or c.steps}: "
                          f"nothing to train (raise --steps to continue it)")
 
     triton = resolve_kernels(c.kernels, device)
     use_kernels(triton)
-    paths = list_images(c.data)
+    paths = list_images(c.data, c.out)
     grid = (c.img_size // c.patch,) * 2
     sampler = StepBatches(len(paths), c.batch_size, c.seed, step, c.stop_at or c.steps, rank, world)
     loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, collate_fn=Collate(c),
@@ -869,7 +849,7 @@ def train(c: Config):
               f"{header['kernels']} | steps {step}->{c.stop_at or c.steps}")
     from tqdm import tqdm
     bar = tqdm(total=(c.stop_at or c.steps), initial=step, disable=not master, dynamic_ncols=True)
-    seen_bad, empty, trained, t0, imgs_since = set(), 0, 0, time.time(), 0  # bad files, batches without an image
+    seen_bad, empty, t0, imgs_since = set(), 0, time.time(), 0  # unreadable files; batches in a row without an image
     stats = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0)
     try:
         for mb in loader:
@@ -878,9 +858,9 @@ def train(c: Config):
                     tqdm.write(f"skipping {err}")
                 seen_bad.add(err)
             empty = empty + 1 if mb["imgs"] is None else 0
-            if empty >= 10:  # the data is unreadable, not unlucky: stop rather than "train" on nothing
-                raise SystemExit(f"error: 10 batches in a row held no readable image ({len(seen_bad)} distinct "
-                                 f"unreadable files so far, listed above); check --data {c.data}")
+            if empty >= min(10, len(sampler)):  # unreadable data, not bad luck: stop rather than "train" on nothing
+                raise SystemExit(f"error: {empty} batches in a row held no readable image ({len(seen_bad)} distinct "
+                                 f"unreadable files, listed above); check --data {c.data}")
             if mb["imgs"] is None:  # the whole share of this batch was unreadable
                 step += 1
                 bar.update(1)
@@ -919,7 +899,7 @@ def train(c: Config):
                 opt.step()
                 # Step 4. the target encoder follows the encoder slowly.
                 ema_update(target, encoder, m)
-                step, trained = step + 1, trained + 1
+                step += 1
             # ---- TRAINING STEP END ----
             with torch.no_grad():  # collapse indicator: per-dimension std across the batch of pooled target features
                 stats["std"] += h.float().mean(1).std(0).mean().item() if len(h) > 1 else 0.0
@@ -956,9 +936,6 @@ def train(c: Config):
         checkpoint(step)
         raise
     bar.close()
-    if not trained:
-        raise SystemExit(f"error: no optimisation step was taken: no batch held a readable image ({len(seen_bad)} "
-                         f"unreadable files); check --data {c.data}")
     checkpoint(step)
     if master:
         plot_log(os.path.join(c.out, "log.jsonl"), os.path.join(c.out, "loss.png"))
@@ -1043,22 +1020,19 @@ def main(argv=None):
         c = make_config(given, base)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if base:
-        arch = [f"--{k.replace('_', '-')} {getattr(c, k)} (checkpoint: {base.get(k)})" for k in ARCH_FIELDS
-                if getattr(c, k) != base.get(k)]
-        if arch:  # the weights could not load: say so before anything loads
-            raise SystemExit(f"error: --resume with a different architecture: {', '.join(arch)}; drop these flags "
-                             f"or use another --out")
-        changed = sorted(k for k in given if k not in RUN_FIELDS and given[k] != base.get(k))
-        if changed:
-            print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
-                  f"uninterrupted run")
+    if base and (arch := [f"--{k.replace('_', '-')} {getattr(c, k)} (checkpoint: {base.get(k)})"
+                          for k in ARCH_FIELDS if getattr(c, k) != base.get(k)]):  # the weights could not load
+        raise SystemExit(f"error: --resume with a different architecture: {', '.join(arch)}; drop these flags or use "
+                         f"another --out")
+    if base and (changed := sorted(k for k in given if k not in RUN_FIELDS and given[k] != base.get(k))):
+        print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
+              f"uninterrupted run")
     if not c.data:
         raise SystemExit("error: --data is required (a folder of chest X-rays, or `python data_prep.py synthetic`)")
     lock = claim_out(c.out) if int(os.environ.get("RANK", 0)) == 0 else None  # only rank 0 writes
     try:
         if lock and not os.path.exists(os.path.join(c.out, "masks.png")):
-            save_mask_picture(c, list_images(c.data), os.path.join(c.out, "masks.png"))
+            save_mask_picture(c, list_images(c.data, c.out), os.path.join(c.out, "masks.png"))
         return train(c)
     finally:
         if lock:

@@ -121,7 +121,7 @@ def test_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(tm
 def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     msg = refused(["--data", images(tmp_path / "d", n=1), "--out", tmp_path / "f"] + TINY)
-    assert msg == f"error: --out {tmp_path / 'f'} is not writable: it is a file, not a folder"
+    assert msg == f"error: --out {tmp_path / 'f'} is not a writable folder (File exists)"
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -144,12 +144,12 @@ def test_unreadable_data_never_reports_success(tmp_path):
     bad.mkdir()
     for i in range(3):
         (bad / f"x{i}.png").write_bytes(b"\x89PNG not really")
-    msg = refused(["--data", bad, "--out", tmp_path / "a", "--steps", "3"] + TINY)
-    assert msg == f"error: no optimisation step was taken: no batch held a readable image (3 unreadable files); " \
+    msg = refused(["--data", bad, "--out", tmp_path / "a", "--steps", "3"] + TINY)  # every batch of a short run
+    assert msg == f"error: 3 batches in a row held no readable image (3 distinct unreadable files, listed above); " \
                   f"check --data {bad}"
-    msg = refused(["--data", bad, "--out", tmp_path / "b", "--steps", "50"] + TINY)
-    assert msg == "error: 10 batches in a row held no readable image (3 distinct unreadable files so far, listed " \
-                  f"above); check --data {bad}"
+    msg = refused(["--data", bad, "--out", tmp_path / "b", "--steps", "50"] + TINY)  # 10 in a row of a long one
+    assert msg == "error: 10 batches in a row held no readable image (3 distinct unreadable files, listed above); " \
+                  f"check --data {bad}"
     assert not (tmp_path / "b" / "ckpt.pt").exists()
 
 
@@ -205,7 +205,7 @@ def test_resume_refuses_another_architecture_before_loading(trained, tmp_path):
 def test_resume_of_a_finished_run_is_not_a_success(trained):
     data, run = trained
     msg = refused(["--data", data, "--out", run, "--resume"])
-    assert msg == f"error: {run / 'ckpt.pt'} is at step 2 and this run ends at step 2: nothing to train (raise " \
+    assert msg == f"error: {run / 'ckpt.pt'} is at step 2, this run ends at step 2: nothing to train (raise " \
                   f"--steps to continue it)"
 
 
@@ -302,9 +302,10 @@ def copy_prepared(prepared, dst, edit_rows=None, raw=None):
 def eval_refused(argv, capsys):
     capsys.readouterr()
     assert E.main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1].split("\r")[-1]   # after any progress bars
-    assert err.startswith("error: "), err
-    return err
+    err = capsys.readouterr().err
+    line = err[err.rfind("error: "):]                                      # after any progress bars
+    assert "error: " in err and line.endswith("\n") and "\n" not in line[:-1], err
+    return line.strip()
 
 
 @pytest.mark.parametrize("cell, shown", [("-1", "'-1'"), ("0.5", "'0.5'"), ("yes", "'yes'"), ("1.5", "'1.5'")])
@@ -470,3 +471,15 @@ def test_prep_non_utf8_csv_and_bad_n(tmp_path):
     msg = prep_refused(["nih", tmp_path / "nih", tmp_path / "o", "--size", "32", "--workers", "1"])
     assert msg == f"data_prep: error: {tmp_path / 'nih' / 'Data_Entry_2017.csv'} line 3: not UTF-8 text"
     assert prep_refused(["synthetic", tmp_path / "s", "--n", "0"]) == "data_prep: error: --n must be >= 1 (got 0)"
+
+
+def test_out_inside_the_data_is_never_read_as_data(tmp_path):
+    """Siblings of the symlink hole: OUT inside --data (trainer) or inside SRC (data_prep) must not feed its own
+    pictures back in as data."""
+    data = images(tmp_path / "d", n=3)
+    images(data / "run", n=2, seed=1)                                     # masks.png, loss.png ... of a run
+    assert len(radjepa.list_images(str(data), str(data / "run"))) == 3
+    images(tmp_path / "nih" / "images", n=2)
+    images(tmp_path / "nih" / "prep" / "images", n=2)                      # a prepared folder with the same names
+    found = dp.index_files(tmp_path / "nih", {".png"}, tmp_path / "nih" / "prep")
+    assert sorted(Path(p).parent for p in found.values()) == [tmp_path / "nih" / "images"] * 2
