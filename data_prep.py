@@ -508,11 +508,14 @@ def write_outputs(out, tasks, source, size, labels, structures, skipped, extra_m
 # ----------------------------------------------------------------------------------------------------------------
 # Sources. Each returns (tasks, label_names, structures, skipped, extra_meta).
 
-def uncertain_value(v, label, policy):
+def uncertain_value(v, label, policy, where=""):
     """CheXpert/MIMIC cell -> '1'|'0'|''. 1.0 positive, 0.0 negative, blank (= not mentioned) negative,
-    -1.0 uncertain -> by policy: ignore (unknown ''), zeros, ones, mixed (ones for Atelectasis/Edema, else zeros)."""
+    -1.0 uncertain -> by policy: ignore (unknown ''), zeros, ones, mixed (ones for Atelectasis/Edema, else zeros).
+    Any other cell is a PrepError naming the row (`where`) and the label: never a guess."""
     if v == "":
         return "0"
+    if v.strip() not in ("1", "1.0", "0", "0.0", "-1", "-1.0"):
+        raise PrepError(f"{where}: label {label!r} is {v!r}, not 1, 0, -1 or blank")
     x = float(v)
     if x == 1:
         return "1"
@@ -578,7 +581,7 @@ def src_chexpert(src, args):
             if args.frontal_only and r["Frontal/Lateral"] != "Frontal":
                 continue
             patient = m.group(0)
-            labels = {l: uncertain_value(r[l], l, args.uncertain) for l in CHEXPERT_LABELS}
+            labels = {l: uncertain_value(r[l], l, args.uncertain, f"{path}, {r['Path']}") for l in CHEXPERT_LABELS}
             tasks.append({"id": safe_id("_".join(rel.with_suffix("").parts[1:])), "src": str(src / rel),
                           "reader": "auto", "patient": patient,
                           "split": "test" if split_kind == "test" else train_or_val(patient), "labels": labels,
@@ -609,7 +612,8 @@ def src_mimic(src, args):
             continue
         path = src / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{study}" / f"{did}.jpg"
         lab = study_labels.get((sid, study))
-        labels = {l: uncertain_value(lab[l], l, args.uncertain) if lab else "" for l in label_names}
+        labels = {l: uncertain_value(lab[l], l, args.uncertain, f"{lab_f}, study {study}") if lab else ""
+                  for l in label_names}
         split = {"validate": "val"}.get(r["split"], r["split"])
         if split not in ("train", "val", "test"):
             skipped.append({"file": str(path), "reason": f"unknown split {r['split']!r}"})
@@ -640,7 +644,10 @@ def src_vindr(src, args):
                 s, d, n = votes.setdefault(r["image_id"], (split_kind, {l: 0 for l in label_names}, [0]))
                 n[0] += 1
                 for l in label_names:
-                    d[l] += r.get(l, "0") not in ("0", "0.0", "")
+                    v = r.get(l, "0")
+                    if v not in ("0", "0.0", "", "1", "1.0"):  # never count an unknown value as a vote
+                        raise PrepError(f"{p}, image {r['image_id']}: label {l!r} is {v!r}, not 1, 0 or blank")
+                    d[l] += v in ("1", "1.0")
     else:
         p = find_file(src, "train.csv")
         if p is None:

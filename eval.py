@@ -227,9 +227,16 @@ def read_prepared(root, task):
     if len(set(ids)) != len(ids):
         dup = next(i for i, k in collections.Counter(ids).items() if k > 1)
         raise EvalError(f"{csv_path}: two images share the id {dup!r} (masks/<structure>/<id>.png would be ambiguous)")
-    for s in ("val", "test"):
+    for s in SPLITS:
         if s not in splits:
-            raise EvalError(f"{csv_path}: no image in the {s} split (probes pick hyper-parameters on val, report test)")
+            raise EvalError(f"{csv_path}: no image in the {s} split (probes train on train, pick hyper-parameters on "
+                            f"val, report test)")
+    split_of = {}                                  # a patient in two splits leaks test images into training
+    for (line, r), sp in zip(rows, splits):
+        first = split_of.setdefault(r[1], (sp, line))
+        if first[0] != sp:
+            raise EvalError(f"{csv_path} line {line}: patient {r[1]!r} is in {sp} here and in {first[0]} on line "
+                            f"{first[1]}; splits must be by patient")
     mask_root = os.path.join(root, "masks")
     structures = sorted(d for d in os.listdir(mask_root) if os.path.isdir(os.path.join(mask_root, d))) \
         if os.path.isdir(mask_root) else []

@@ -809,7 +809,10 @@ def train(c: Config):
             print(f"resumed from {ckpt_path} at step {step}")
     elif c.resume and master:
         print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
-    if step >= (c.stop_at or c.steps):  # a run of zero steps is not a success
+    if step == c.steps:  # re-running a finished run changes nothing (and succeeds); any other zero-step run fails
+        print(f"{ckpt_path} is already at its last step, {step}: nothing to do")
+        return encoder, predictor, target
+    if step >= (c.stop_at or c.steps):
         raise SystemExit(f"error: {ckpt_path} is at step {step}, this run ends at step {c.stop_at or c.steps}: "
                          f"nothing to train (raise --steps to continue it)")
 

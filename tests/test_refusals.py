@@ -202,11 +202,15 @@ def test_resume_refuses_another_architecture_before_loading(trained, tmp_path):
                   "(checkpoint: 64); drop these flags or use another --out"
 
 
-def test_resume_of_a_finished_run_is_not_a_success(trained):
+def test_resume_past_the_end_is_refused_and_a_finished_run_is_left_alone(trained, capsys):
     data, run = trained
-    msg = refused(["--data", data, "--out", run, "--resume"])
-    assert msg == f"error: {run / 'ckpt.pt'} is at step 2, this run ends at step 2: nothing to train (raise " \
+    msg = refused(["--data", data, "--out", run, "--resume", "--steps", "1"])
+    assert msg == f"error: {run / 'ckpt.pt'} is at step 2, this run ends at step 1: nothing to train (raise " \
                   f"--steps to continue it)"
+    before = (run / "ckpt.pt").read_bytes(), (run / "log.jsonl").read_bytes()
+    radjepa.main(["--data", str(data), "--out", str(run), "--resume"])  # the same command again: a no-op
+    assert f"{run / 'ckpt.pt'} is already at its last step, 2: nothing to do" in capsys.readouterr().out
+    assert ((run / "ckpt.pt").read_bytes(), (run / "log.jsonl").read_bytes()) == before
 
 
 def bad_checkpoint(trained, tmp_path, edit):
@@ -483,3 +487,31 @@ def test_out_inside_the_data_is_never_read_as_data(tmp_path):
     images(tmp_path / "nih" / "prep" / "images", n=2)                      # a prepared folder with the same names
     found = dp.index_files(tmp_path / "nih", {".png"}, tmp_path / "nih" / "prep")
     assert sorted(Path(p).parent for p in found.values()) == [tmp_path / "nih" / "images"] * 2
+
+
+def test_eval_refuses_a_patient_in_two_splits_and_an_empty_train_split(trained, prepared, tmp_path, capsys):
+    def leak(rows):
+        rows[5][1], rows[5][2] = rows[1][1], "test" if rows[1][2] != "test" else "train"   # line 6 = line 2's patient
+        return rows
+    data = copy_prepared(prepared, tmp_path / "d", leak)
+    rows = list(csv.reader(open(data / "labels.csv")))
+    first = next(i for i, r in enumerate(rows) if r[1] == rows[5][1]) + 1
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert err == f"error: {data / 'labels.csv'} line 6: patient {rows[5][1]!r} is in {rows[5][2]} here and in " \
+                  f"{rows[first - 1][2]} on line {first}; splits must be by patient"
+    data = copy_prepared(prepared, tmp_path / "e", lambda rows: [r for r in rows if r[2] != "train"])
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert err.startswith(f"error: {data / 'labels.csv'}: no image in the train split")
+
+
+def test_prep_source_label_cells_are_never_guessed(tmp_path):
+    from test_data_prep import CHEXPERT_HEADER, png, write_csv
+    src = tmp_path / "CheXpert-v1.0-small"
+    rel = "train/patient00001/study1/view1_frontal.jpg"
+    png(src / rel)
+    vals = [""] * len(dp.CHEXPERT_LABELS)
+    vals[dp.CHEXPERT_LABELS.index("Edema")] = "maybe"
+    write_csv(src / "train.csv", CHEXPERT_HEADER, [[f"CheXpert-v1.0-small/{rel}", "F", 60, "Frontal", "AP"] + vals])
+    msg = prep_refused(["chexpert", src, tmp_path / "o", "--size", "32", "--workers", "1"])
+    assert msg == f"data_prep: error: {src / 'train.csv'}, CheXpert-v1.0-small/{rel}: label 'Edema' is 'maybe', not " \
+                  f"1, 0, -1 or blank"
