@@ -18,6 +18,8 @@ Prepared layout (OUT/):
     info.csv                   image,sex,age,view              (only where the source has them)
     meta.json                  source, size, labels, structures, counts and prevalence per split, uncertain
                                policy, every skipped file with its reason.
+    params.json                source, SRC, size, seed, modality: written before the first image; a later run into
+                               OUT with other values is refused (--overwrite starts over), so runs never mix.
 
 Why pad-to-square instead of a centre crop: a crop of a portrait radiograph cuts the costophrenic angles and the
 lateral chest wall, exactly where effusions and pneumothoraces show. Padding keeps all anatomy and keeps the
