@@ -1191,6 +1191,9 @@ def main(argv=None):
             raise PrepError(f"{args.src}: not a folder")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise PrepError(f"{args.out}: is a file, not a folder")
+        if args.source != "synthetic" and Path(args.out).resolve() in (Path(args.src).resolve(),
+                                                                        *Path(args.src).resolve().parents):
+            raise PrepError(f"{args.out} holds SRC {args.src}: a rerun would read its own output as source images")
         given = {**vars(args), "src": str(Path(args.src).resolve()) if args.source != "synthetic" else None}
         params = {k: given[k] for k in IMAGE_PARAMS if k in given}
         claim_folder(args.out, params, args.overwrite)

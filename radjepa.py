@@ -506,7 +506,9 @@ def list_images(root, out=None):
             paths += [os.path.join(root, img)] * (r["split"] == "train")
     else:  # links are followed, but each real folder and file only once: a loop or a link back up adds nothing
         top, found = os.path.realpath(root), {}
-        seen = {os.path.realpath(out)} - {top} if out else set()  # OUT inside the data: its pictures are not data
+        if out and os.path.realpath(out) == top:
+            raise SystemExit(f"error: --out {out} is the --data folder: its pictures would become training images")
+        seen = {os.path.realpath(out)} if out else set()  # OUT inside the data: its pictures are not data
         for d, dirs, names in os.walk(root, followlinks=True):
             if (real := os.path.realpath(d)) in seen or top.startswith(real + os.sep):
                 dirs[:], names = [], []

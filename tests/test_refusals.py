@@ -487,6 +487,10 @@ def test_out_inside_the_data_is_never_read_as_data(tmp_path):
     images(tmp_path / "nih" / "prep" / "images", n=2)                      # a prepared folder with the same names
     found = dp.index_files(tmp_path / "nih", {".png"}, tmp_path / "nih" / "prep")
     assert sorted(Path(p).parent for p in found.values()) == [tmp_path / "nih" / "images"] * 2
+    with pytest.raises(SystemExit, match="is the --data folder: its pictures would become training images"):
+        radjepa.list_images(str(data), str(data))
+    msg = prep_refused(["folder", data, data, "--size", "32", "--workers", "1"])
+    assert msg == f"data_prep: error: {data} holds SRC {data}: a rerun would read its own output as source images"
 
 
 def test_eval_refuses_a_patient_in_two_splits_and_an_empty_train_split(trained, prepared, tmp_path, capsys):
