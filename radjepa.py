@@ -866,10 +866,12 @@ def train(c: Config):
             if empty >= min(10, len(sampler)):  # unreadable data, not bad luck: stop rather than "train" on nothing
                 raise SystemExit(f"error: {empty} batches in a row held no readable image ({len(seen_bad)} distinct "
                                  f"unreadable files, listed above); check --data {c.data}")
-            if mb["imgs"] is None:  # the whole share of this batch was unreadable
+            if mb["imgs"] is None and not ddp:  # the whole share of this batch was unreadable
                 step += 1
                 bar.update(1)
                 continue
+            if mb["imgs"] is None:  # every process must run each step's collectives: a stand-in that weighs nothing
+                mb = {**Collate(c)([(torch.zeros(1, c.img_size, c.img_size), None, 0)]), "stand_in": True}
             mb = batch_to(mb, device)
             imgs = mb["imgs"]
             lr, wd, m = lr_at(step, c), wd_at(step, c), ema_at(step, c)
@@ -886,10 +888,11 @@ def train(c: Config):
                 loss = OPS["loss"](z, h, mb["tgt_idx"])
             # With several processes, weight each one's mean by its share of target tokens, so that the DDP gradient
             # average equals the gradient of the mean over the global batch, as with one process.
-            n_loc = torch.tensor([float(len(mb["tgt_idx"]))], device=device)
+            n_loc = torch.tensor([0.0 if "stand_in" in mb else float(len(mb["tgt_idx"]))], device=device)
             n_all = n_loc.clone()
             if ddp:
                 dist.all_reduce(n_all)
+            n_all = n_all.clamp_min(1)  # (0 only if every process holds a stand-in)
             scaled = loss * (n_loc * world / n_all)
             opt.zero_grad(set_to_none=True)
             scaled.backward()

@@ -519,3 +519,30 @@ def test_prep_source_label_cells_are_never_guessed(tmp_path):
     msg = prep_refused(["chexpert", src, tmp_path / "o", "--size", "32", "--workers", "1"])
     assert msg == f"data_prep: error: {src / 'train.csv'}, CheXpert-v1.0-small/{rel}: label 'Edema' is 'maybe', not " \
                   f"1, 0, -1 or blank"
+
+
+def test_torchrun_process_whose_share_is_unreadable_stays_in_step(tmp_path):
+    """Sibling of item 4 under torchrun: a process whose whole share of a batch is unreadable used to skip the step's
+    collectives, so the processes' all-reduces paired up across different steps (then hung at the end). Now it runs
+    a stand-in that weighs nothing: 2 gloo processes compute what 1 process computes."""
+    data = images(tmp_path / "d", n=4)
+    first = list(radjepa.StepBatches(4, 4, 0, 0, 3, rank=1, world=2))[0]   # rank 1's share of step 0
+    for i, _ in first:
+        (data / f"im{i}.png").write_bytes(b"\x89PNG unreadable")
+    common = [os.path.join(ROOT, "radjepa.py"), "--data", str(data), "--steps", "3"] + TINY
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable] + common + ["--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523"]
+                         + common + ["--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    la, lb = ([r["loss"] for r in map(json.loads, open(tmp_path / o / "log.jsonl")) if "loss" in r]
+              for o in ("one", "two"))
+    assert len(la) == len(lb) == 3
+    np.testing.assert_allclose(la, lb, rtol=1e-4)
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["encoder"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["encoder"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
