@@ -272,6 +272,8 @@ def _ln_loss_setup_context(ctx, inputs, output):
 
 def _ln_loss_backward(ctx, grad_loss, _grad_dz):
     (dz,) = ctx.saved_tensors
+    if dz.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError("ln_gather_smooth_l1: the op ran with write_grad=False, so it has no dL/dz to return")
     return dz * grad_loss, None, None, None, None, None
 
 
