@@ -38,23 +38,28 @@ def _max_rel_err(a, b):
     return float((a.detach().double() - b.detach().double()).abs().max() / (b.detach().double().abs().max() + 1e-12))
 
 
-def disagreement(kernel_ops, torch_ops, make_seqs, width, head_dims, device, tol=5e-3, seed=0):
+def disagreement(kernel_ops, torch_ops, make_seqs, width, head_dims, device, dtype=None, seed=0):
     """None if every kernel op reproduces the torch op of the same name, else one line naming the first that does not.
 
     Ops use radjepa.py's OPS signatures: attention(q, k, v, seqs), gather(x, idx, pos), loss(z, h, idx).
-    Both sides run on the same random fp32 tensors (model widths, a few short sequences), forward and backward;
-    they agree when max|kernel - torch| <= tol * max|torch| for the output and every gradient. fp32 keeps this far
-    from rounding noise (the kernels' fp32 GEMMs are exact, and tol allows TF32 on the torch side), while a changed
-    formula (another loss, scale or position rule) moves results by whole percents."""
+    Both sides run on the same random tensors (model widths, a few short sequences), forward and backward, the torch
+    op in fp32 and the kernel op in the training dtype (fp32 on CPU; bf16 on CUDA, where fp32 kernels would need
+    compiles that training never uses; or `dtype`). For the output and every gradient, with err(a) = max|a - torch32| / max|torch32|:
+    fp32: err(kernel) <= 5e-3 (allows TF32 on the torch side); bf16: err(kernel) <= 3 * err(torch op run in bf16)
+    + 1e-2 (flash-attn's rule: no worse than torch at the same precision; the torch op in bf16 is ~1e-2 off here).
+    A changed formula (another loss, scale or position rule) moves results by whole percents or more. Costs one tiny
+    call of each op (a few seconds in the CPU interpreter)."""
     import torch
     gen = torch.Generator().manual_seed(seed)
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
 
     def rand(*shape):
         return torch.randn(shape, generator=gen).to(device)
 
-    def run(fn, inputs, diff, extra, upstream):  # -> [output, grad of each diff input]
-        leaves = [t.clone().requires_grad_(i in diff) for i, t in enumerate(inputs)]
-        out = fn(*leaves, *extra)
+    def run(fn, inputs, diff, extra, upstream, dt):  # -> [output, grad of each diff input]
+        leaves = [(t.to(dt, copy=True) if t.is_floating_point() else t.clone()).requires_grad_(i in diff)
+                  for i, t in enumerate(inputs)]
+        out = fn(*leaves, *[t.to(dt) if torch.is_tensor(t) else t for t in extra])
         return [out, *torch.autograd.grad(out, [leaves[i] for i in diff], upstream.to(out.dtype))]
 
     N, lens = 6, [5, 11, 1]  # a 6-patch image table; three sequences of different lengths (one of length 1)
@@ -67,12 +72,14 @@ def disagreement(kernel_ops, torch_ops, make_seqs, width, head_dims, device, tol
     for name, inputs, diff, extra in cases:
         with torch.no_grad():
             upstream = rand(*torch_ops[name](*inputs, *extra).shape)  # one random upstream gradient for both sides
-        results = [run(ops[name], inputs, diff, extra, upstream) for ops in (kernel_ops, torch_ops)]
-        for label, a, b in zip(["output"] + [f"gradient of input {i}" for i in diff], *results):
-            err = _max_rel_err(a, b)
+        fast, ref = (run(kernel_ops[name], inputs, diff, extra, upstream, dtype),
+                     run(torch_ops[name], inputs, diff, extra, upstream, torch.float32))
+        same = run(torch_ops[name], inputs, diff, extra, upstream, dtype) if dtype != torch.float32 else ref
+        for label, a, b, c in zip(["output"] + [f"gradient of input {i}" for i in diff], fast, ref, same):
+            err, tol = _max_rel_err(a, b), (5e-3 if dtype == torch.float32 else 3 * _max_rel_err(c, b) + 1e-2)
             if not err <= tol:  # also catches NaN
                 return (f"kernel op '{name}' disagrees with the torch op it replaces ("
                         f"{getattr(torch_ops[name], '__name__', name)} in radjepa.py): its {label} differs by "
-                        f"{err:.1e} (relative, fp32; allowed {tol:.0e}); make kernels/ compute the same thing, or "
-                        f"run with --kernels torch")
+                        f"{err:.1e} (relative, {str(dtype)[6:]}; allowed {tol:.1e}); make kernels/ compute the same "
+                        f"thing, or run with --kernels torch")
     return None

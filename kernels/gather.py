@@ -27,7 +27,9 @@ kernels/varlen_attention.py consumes.
    pass over dz: grad_out is almost always 1, but knowing that would cost a device->host sync).
    idx may repeat here (I-JEPA's 4 target blocks may overlap): h receives no gradient.
 
-Constraints: x/z/h fp32, fp16 or bf16; last dim contiguous; idx int32/int64 in range. The range (and, for
+Both are registered as torch.library custom ops (`radjepa::gather_rows`, `radjepa::scatter_rows`,
+`radjepa::ln_gather_smooth_l1`) with fake implementations and registered autograd, so torch.compile sees one opaque
+op per call. Constraints: x/z/h fp32, fp16 or bf16; last dim contiguous; idx int32/int64 in range. The range (and, for
 gather_rows, uniqueness) checks need a device->host copy, so they run for CPU tensors always and for CUDA tensors
 only with RADJEPA_CHECK_KERNEL_ARGS=1. ln_gather_smooth_l1 handles D <= 8192.
 Tested with triton 3.7.1 + torch 2.13.0 in the Triton interpreter (TRITON_INTERPRET=1, CPU) only; the compiled GPU

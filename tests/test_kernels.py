@@ -342,6 +342,10 @@ def test_bench_smoke_mode_writes_json_and_markdown(tmp_path):
     on_disk = json.loads((tmp_path / "kernels_bench.json").read_text())
     assert on_disk["mode"] == "smoke" and on_disk["attention"]["cases"]
     assert all(c["correct"] for c in result["attention"]["cases"]), result["attention"]["cases"]
+    methods = [t["method"] for t in on_disk["attention"]["cases"][0]["timing"]]
+    assert methods[:2] == ["ours: triton varlen", "ours: triton varlen, atomic dQ"]  # both backward variants timed
+    loss_case = on_disk["gather"]["cases"][1]
+    assert any("jepa_loss_torch" in t["method"] for t in loss_case["timing"]) and loss_case["speedup_vs_best_torch"] > 0
     for case in on_disk["gather"]["cases"]:
         assert all(t["fwd_bwd_us"] > 0 for t in case["timing"])
     assert on_disk["gather"]["cases"][1]["loss_abs_err_vs_fp32_ref"] < 1e-5

@@ -460,8 +460,8 @@ def test_edited_torch_op_is_not_silently_replaced_by_a_kernel(tmp_path, monkeypa
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt")  # stopped before training
     # the same check names the other ops when they are the ones edited (no training run needed)
     monkeypatch.undo()
-    check = dict(width=64, head_dims=(32,), device=torch.device("cpu"))
-    radjepa.use_kernels(True, check=check)  # the unmodified ops agree
+    check = dict(width=64, head_dims=(16,), device=torch.device("cpu"))
+    radjepa.use_kernels(True, check=dict(check, dtype=torch.bfloat16))  # the unmodified ops agree, also in bf16 (GPU)
     attention = radjepa.attention_torch
     for name, edit in (("attention", lambda q, k, v, s: attention(q * 1.1, k, v, s)),
                        ("gather", lambda x, idx, pos: x.flatten(0, 1)[idx] + 0.5 * pos[idx % x.shape[1]])):
