@@ -427,7 +427,7 @@ def test_triton_path_matches_torch_path_end_to_end():
         torch.testing.assert_close(b, a, atol=tol["atol"], rtol=10 * tol["rtol"])
 
 
-TRITON_RUN = [a if a != "torch" else "triton" for a in TINY] + ["--steps", "3"]
+TRITON_RUN = [a if a != "torch" else "triton" for a in TINY] + ["--steps", "3", "--depth", "1"]
 
 
 def test_triton_path_trains_under_compile(tmp_path):
