@@ -188,13 +188,14 @@ def jepa_loss_torch(z, h, idx):
 
 # The three ops that kernels/ accelerates. use_kernels() switches the whole model between the paths. The torch ops
 # above are the one definition of the math: with check=..., a kernel op is used only after it reproduced the torch op
-# it replaces (fwd and bwd, fp32, same random tensors), so an edit here is never silently undone by a stale kernel.
+# it replaces (fwd and bwd, same random tensors), so an edit here is never silently undone by a stale kernel.
 OPS = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
 
 
 def use_kernels(triton: bool, check=None):
     """check = dict(width=, head_dims=, device=): compare every kernel op with its torch op first (kernels/)."""
     reference = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
+    OPS.update(reference)  # the check below runs the torch ops as the model would
     if triton:
         import kernels
         from kernels.gather import gather_rows, ln_gather_smooth_l1
@@ -204,7 +205,7 @@ def use_kernels(triton: bool, check=None):
         bad = check and kernels.disagreement(fast, reference, Seqs, **check)
         if bad:
             raise SystemExit(f"error: {bad}")
-    OPS.update(fast if triton else reference)
+        OPS.update(fast)
 
 
 def resolve_kernels(choice, device, head_dims=()):
