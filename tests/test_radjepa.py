@@ -430,12 +430,14 @@ def test_triton_path_matches_torch_path_end_to_end():
 TRITON_RUN = [a if a != "torch" else "triton" for a in TINY] + ["--steps", "3", "--depth", "1"]
 
 
-def test_triton_path_trains_under_compile(tmp_path):
+def test_triton_path_trains_under_compile(tmp_path, monkeypatch):
     # --compile with the kernels as torch.library ops: Dynamo traces the model, not the (interpreted) kernels
     pytest.importorskip("triton")
     ok, why = __import__("kernels").available()
     if not ok:
         pytest.skip(why)
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool to start on a small CPU
     data = blob_images(tmp_path / "imgs", n=8)
     radjepa.main(["--data", str(data), "--out", str(tmp_path / "run"), "--compile"] + TRITON_RUN)
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
