@@ -4,6 +4,7 @@ Triton kernels for RadJEPA's packed variable-length path (optional; radjepa.py r
     kernels/varlen_attention.py  varlen_attention(q, k, v, cu_seqlens, max_seqlen, sm_scale=None) + _ref
     kernels/gather.py            gather_rows(x, idx, pos=None), ln_gather_smooth_l1(z, h, idx, eps, beta) + _refs
     kernels/bench.py             GPU benchmark against torch varlen_attn / padded SDPA / truncation (one call)
+    kernels/aot_check.py         compile the attention kernels for sm_90 without a GPU; registers, spills, smem
 
 Each kernel file is a self-contained tutorial with a pure-PyTorch reference of the same function. This package
 file imports no kernel module at import time: TRITON_INTERPRET is read when @triton.jit decorates, so whoever wants
