@@ -403,7 +403,8 @@ class ExternalEncoder(nn.Module):
     def run(self, x, k=None):
         """The model's own output: [B, L, D] tokens or a [B, C, h, w] map (a list of the last k with k)."""
         if hasattr(self.model, "forward_features"):            # timm
-            if k:
+            if k:                                               # min(k, depth), as load_encoder does
+                k = min(k, len(getattr(self.model, "blocks", ())) or k)
                 return self.model.forward_intermediates(x, indices=k, norm=True, output_fmt="NCHW",
                                                         intermediates_only=True)
             return self.model.forward_features(x)
@@ -411,7 +412,8 @@ class ExternalEncoder(nn.Module):
         if not k:
             return out.last_hidden_state
         norm = getattr(self.model, "layernorm", None)          # ViT / DINOv2: the final norm sits outside the blocks
-        return [norm(h) if norm is not None and h.ndim == 3 else h for h in out.hidden_states[-k:]]
+        hidden = out.hidden_states[1:]                          # [0] is the embedding output, not a block's
+        return [norm(h) if norm is not None and h.ndim == 3 else h for h in hidden[-k:]]
 
     def tokens(self, out, fmt_nhwc):
         if out.ndim == 4:
@@ -442,7 +444,7 @@ def _load_timm(spec, name, random_init):
     try:
         import timm
         import timm.data
-    except Exception as e:  # not installed, or a torchvision built for another torch ("torchvision::nms does not exist")
+    except Exception as e:  # not installed, or a torchvision built for another torch ("torchvision::nms ... not exist")
         raise EvalError(f"{spec} needs timm: pip install timm (and a torchvision built for torch {torch.__version__}); "
                         f"import failed with {_first_line(e)}")
     if os.path.isdir(name):                                     # e.g. `radjepa.py export` output, or a hub snapshot

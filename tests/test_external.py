@@ -200,11 +200,12 @@ def test_export_cli_and_its_errors(tiny, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "t") if "tmp" in f]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for arg in (str(bad), str(tmp_path / "missing.pt")):
-        r = subprocess.run([sys.executable, os.path.join(REPO, "radjepa.py"), "export", arg, str(tmp_path / "u")],
-                           capture_output=True, text=True, timeout=120)
-        err = r.stderr.strip()
-        assert r.returncode != 0 and "not a RadJEPA checkpoint" in err and "\n" not in err, err
+    for arg in (str(bad), str(tmp_path / "missing.pt")):                  # in-process: the same export_main
+        with pytest.raises(SystemExit) as e:
+            radjepa.export_main([arg, str(tmp_path / "u")])
+        err = str(e.value)
+        assert err.startswith("error: ") and "not a RadJEPA checkpoint" in err and "\n" not in err, err
+    assert not (tmp_path / "u").exists()                                   # nothing written on error
 
 
 # ------------------------------------------------------------------------------------------- the external adapter
@@ -222,8 +223,8 @@ def test_hf_adapter_drops_cls_and_registers_and_keeps_the_grid(tmp_path, registe
         want = model(pixel_values=((xm - 0.5307) / 0.2583).expand(-1, 3, -1, -1)).last_hidden_state
     assert tok.shape == (3, 16, 32)
     torch.testing.assert_close(tok, want[:, 1 + registers:], rtol=0, atol=1e-6)   # the patch tokens, in grid order
-    last = enc(x, n_last_blocks=2)
-    assert len(last) == 2 and all(t.shape == (3, 16, 32) for t in last)
+    last = enc(x, n_last_blocks=4)                                        # min(4, depth) blocks, as load_encoder
+    assert len(last) == 3 and all(t.shape == (3, 16, 32) for t in last)
     torch.testing.assert_close(last[-1], tok, rtol=0, atol=1e-6)          # the last one is the final output
     # random_init: same architecture, other weights, nothing read but config.json
     rnd = E.load_external(f"hf:{tmp_path / 'm'}", random_init=True, seed=3)
@@ -244,7 +245,7 @@ def test_timm_adapter_on_a_name_and_a_folder(tmp_path):
         xm = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
         want = model.forward_features(((xm - 0.5) / 0.25).expand(-1, 3, -1, -1))[:, 3:]
         torch.testing.assert_close(enc(x), want, rtol=0, atol=1e-6)
-        last = enc(x, n_last_blocks=2)
+        last = enc(x, n_last_blocks=4)                                    # min(4, depth)
     assert len(last) == 2 and all(t.shape == (3, 16, 32) for t in last)
     torch.testing.assert_close(last[-1], want, rtol=0, atol=1e-5)
 
