@@ -368,9 +368,9 @@ class ExternalEncoder(nn.Module):
     def __init__(self, spec, model, size, chans, mean, std, patch=None, nhwc=False):
         super().__init__()
         self.spec, self.model, self.size, self.chans, self.nhwc = spec, model.float().eval(), size, chans, nhwc
-        stat = lambda v: torch.tensor([float(a) for a in v] * (chans if len(v) == 1 else 1)).view(1, -1, 1, 1)  # noqa
-        self.register_buffer("mean", stat(mean))
-        self.register_buffer("std", stat(std))
+        for n, v in (("mean", mean), ("std", std)):             # one value for gray models, else one per channel
+            v = [float(a) for a in v] * (chans if len(v) == 1 else 1)
+            self.register_buffer(n, torch.tensor(v).view(1, -1, 1, 1))
         if self.mean.shape[1] != chans:
             raise EvalError(f"{spec}: mean/std have {self.mean.shape[1]} values, the model takes {chans} channels")
         self.requires_grad_(False)
@@ -1192,7 +1192,8 @@ def run(args):
     sources = {n: e.describe() if isinstance(e, ExternalEncoder) else f"{p} (RadJEPA EMA target encoder)"
                for n, e, p in (("jepa", encoders["jepa"], args.ckpt), ("other", encoders.get("other"), args.compare))
                if e is not None}
-    sources["random"] = f"the architecture of {args.ckpt}, randomly initialised (seed {args.random_seed})"
+    sources = {"jepa": sources["jepa"], "random": f"the architecture of {args.ckpt}, randomly initialised (seed "
+               f"{args.random_seed})", **sources}                # the order of the report's tables
     if not args.no_baselines:
         sources["pixels"] = "raw pixels (the image downsampled for the linear probes, each patch's pixels as its token)"
     for n, src in sources.items():
