@@ -14,7 +14,8 @@ What one run does, top to bottom (the file reads in the same order):
   3. features: run each frozen encoder once over every image (cached in OUT/cache/), keep the patch tokens (fp16).
      Encoders in one run: the checkpoint's EMA target encoder ("jepa"), the same architecture randomly initialised
      ("random"), raw pixels ("pixels": a downsampled image for the linear probe, the patch's pixels as its "token"),
-     and optionally a second checkpoint ("other", via --compare OTHER.pt).
+     and optionally a second checkpoint ("other", via --compare OTHER.pt). --ckpt and --compare also take external
+     encoders, timm:NAME_OR_DIR and hf:NAME_OR_DIR (Rad-DINO, DINOv2, any timm model), through one adapter (3b).
   4. probes: linear (logistic regression on mean-pooled tokens, L-BFGS), grid (the same on tokens mean-pooled per cell
      of a 4x4 partition of the patch grid: coarse position kept), attentive (one learned query cross-attending over
      the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
