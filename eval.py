@@ -404,8 +404,8 @@ class ExternalEncoder(nn.Module):
     def run(self, x, k=None):
         """The model's own output: [B, L, D] tokens or a [B, C, h, w] map (a list of the last k with k)."""
         if hasattr(self.model, "forward_features"):            # timm
-            if k:                                               # min(k, depth), as load_encoder does
-                k = min(k, len(getattr(self.model, "blocks", ())) or k)
+            if k:                                               # min(k, taps), as load_encoder's min(k, depth)
+                k = min(k, len(getattr(self.model, "feature_info", None) or getattr(self.model, "blocks", ())) or k)
                 return self.model.forward_intermediates(x, indices=k, norm=True, output_fmt="NCHW",
                                                         intermediates_only=True)
             return self.model.forward_features(x)

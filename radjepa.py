@@ -693,7 +693,9 @@ def export_timm(ckpt_path, out_dir):
 
 
 def export_main(argv):
-    p = argparse.ArgumentParser(prog="radjepa.py export", description="write a timm-loadable folder (export_timm)")
+    p = argparse.ArgumentParser(prog="radjepa.py export", description="the EMA target encoder as a timm "
+                                "VisionTransformer folder: pytorch_model.bin (timm key names) + config.json "
+                                "(architecture, model_args, input size, mean/std). README: Use the weights elsewhere")
     p.add_argument("ckpt", help="OUT/ckpt.pt written by radjepa.py")
     p.add_argument("out_dir", help="folder to write pytorch_model.bin and config.json into")
     a = p.parse_args(argv)

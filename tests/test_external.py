@@ -250,6 +250,34 @@ def test_timm_adapter_on_a_name_and_a_folder(tmp_path):
     torch.testing.assert_close(last[-1], want, rtol=0, atol=1e-5)
 
 
+@needs_timm
+def test_timm_feature_maps_become_tokens_in_grid_order(tmp_path):
+    """CNNs (NCHW maps) and Swin (NHWC maps) also give [B, h*w, C] row-major tokens; last-k works on their stages."""
+    import timm
+    enc = E.load_external("timm:resnet10t", random_init=True)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        xm = torch.nn.functional.interpolate(x, size=enc.size, mode="bilinear", antialias=True, align_corners=False)
+        fmap = enc.model.forward_features(((xm - enc.mean) / enc.std))            # [B, C, h, w]
+        torch.testing.assert_close(enc(x), fmap.flatten(2).transpose(1, 2), rtol=0, atol=1e-6)
+    assert (enc.n_prefix, enc.grid, enc.dim) == (0, fmap.shape[-1], fmap.shape[1])
+    args = dict(num_classes=0, embed_dim=16, depths=[1, 1], num_heads=[1, 2], img_size=64, window_size=4)
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **args).eval()
+    (tmp_path / "swin").mkdir()
+    torch.save(swin.state_dict(), tmp_path / "swin" / "pytorch_model.bin")
+    (tmp_path / "swin" / "config.json").write_text(json.dumps(dict(
+        architecture="swin_tiny_patch4_window7_224", model_args=args, pretrained_cfg=dict(input_size=[3, 64, 64]))))
+    enc = E.load_external(f"timm:{tmp_path / 'swin'}")
+    with torch.no_grad():
+        want = swin.forward_features((x.expand(-1, 3, -1, -1) - enc.mean) / enc.std)  # [B, 8, 8, 32] NHWC
+        tok, last = enc(x), enc(x, n_last_blocks=4)
+    assert (enc.nhwc, enc.grid, tok.shape) == (True, 8, (2, 64, 32))
+    torch.testing.assert_close(tok, want.flatten(1, 2), rtol=0, atol=1e-6)
+    assert len(last) == 2                                                  # min(4, number of stages)
+    torch.testing.assert_close(last[-1], tok, rtol=0, atol=1e-5)
+
+
 def test_an_output_without_a_patch_grid_is_one_clear_error():
     class Pooled(nn.Module):                                  # a timm-like model whose features are already pooled
         def forward_features(self, x):
