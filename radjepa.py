@@ -188,33 +188,43 @@ def jepa_loss_torch(z, h, idx):
     return F.smooth_l1_loss(z.float(), t)
 
 
-# The three ops that kernels/ accelerates. use_kernels() switches the whole model between the paths.
+# The three ops that kernels/ accelerates. use_kernels() switches the whole model between the paths. The torch ops
+# above are the one definition of the math: with check=..., a kernel op is used only after it reproduced the torch op
+# it replaces (fwd and bwd, same random tensors), so an edit here is never silently undone by a stale kernel.
 OPS = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
 
 
-def use_kernels(triton: bool):
+def use_kernels(triton: bool, check=None):
+    """check = dict(width=, head_dims=, device=): compare every kernel op with its torch op first (kernels/)."""
+    reference = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
+    OPS.update(reference)  # the check below runs the torch ops as the model would
     if triton:
+        import kernels
         from kernels.gather import gather_rows, ln_gather_smooth_l1
         from kernels.varlen_attention import varlen_attention
-        OPS.update(attention=lambda q, k, v, s: varlen_attention(q, k, v, s.cu, s.max_len), gather=gather_rows,
-                   loss=ln_gather_smooth_l1)
-    else:
-        OPS.update(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
+        fast = dict(attention=lambda q, k, v, s: varlen_attention(q, k, v, s.cu, s.max_len), gather=gather_rows,
+                    loss=ln_gather_smooth_l1)
+        bad = check and kernels.disagreement(fast, reference, Seqs, **check)
+        if bad:
+            raise SystemExit(f"error: {bad}")
+        OPS.update(fast)
 
 
-def resolve_kernels(choice, device):
+def resolve_kernels(choice, device, head_dims=()):
     """--kernels auto|torch|triton -> bool. Never a silent fallback when triton was asked for."""
+    if choice not in ("auto", "torch", "triton"):
+        raise SystemExit(f"error: --kernels must be auto, torch or triton, not {choice!r}")
     if choice == "torch":
         return False
     try:
         import kernels
-        ok, why = kernels.available()  # CUDA present, or TRITON_INTERPRET=1 (CPU, for tests)
+        ok, why = kernels.available(head_dims)  # CUDA present (or TRITON_INTERPRET=1) and these head dims supported
     except (ImportError, AttributeError) as e:
         ok, why = False, f"cannot import kernels/ ({e})"
     if choice == "triton" and not ok:
         raise SystemExit(f"error: --kernels triton cannot run here: {why}. Use --kernels torch (or auto).")
-    if choice not in ("auto", "triton"):
-        raise SystemExit(f"error: --kernels must be auto, torch or triton, not {choice!r}")
+    if device.type == "cuda" and not ok:
+        print(f"--kernels auto: using the PyTorch path ({why})")
     return ok and (choice == "triton" or device.type == "cuda")
 
 
@@ -759,8 +769,9 @@ def train(c: Config):
     elif c.resume and master:
         print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
 
-    triton = resolve_kernels(c.kernels, device)
-    use_kernels(triton)
+    head_dims = (c.width // c.heads, c.pred_width // c.heads)
+    triton = resolve_kernels(c.kernels, device, head_dims)
+    use_kernels(triton, check=dict(width=c.width, head_dims=head_dims, device=device))
     paths = list_images(c.data)
     grid = (c.img_size // c.patch,) * 2
     sampler = StepBatches(len(paths), c.batch_size, c.seed, step, c.stop_at or c.steps, rank, world)
