@@ -11,7 +11,7 @@
 #   bash experiment.sh ablate [OUT] [FLAGS]  # one-factor ablations of the cpu recipe, 2 seeds each, every row probed
 #                                    # alike at 128 and 256 px -> OUT/ablation_s{steps}.md/.json; resumable. FLAGS go
 #                                    # to `eval.py ablate` (--steps N, --rows ID.., --list, --table-only; see --help).
-#                                    # Full table at the default 200 steps: ~6 h of 2 free cores (BENCHMARKS.md §6)
+#                                    # Full table at the default 200 steps: ~6 h of 2 free cores (BENCHMARKS.md §7)
 #
 # Re-running is cheap: the dataset is kept if OUT/data/meta.json exists, pretraining resumes from OUT/jepa/ckpt.pt
 # (a finished run is not repeated), and eval.py reuses its cached features.
