@@ -1008,8 +1008,7 @@ def src_synthetic(args):
 
 def bench(args):
     import shutil
-    import torch
-    torch.set_num_threads(1)
+    import subprocess
     root = Path(args.dir)
     raw = root / "raw1024"
     raw.mkdir(parents=True, exist_ok=True)
@@ -1018,7 +1017,7 @@ def bench(args):
         if not p.exists():
             Image.fromarray(render_phantom(t["phantom"], 1024)[0]).save(p)
     lines = [f"## data_prep.py benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
-             f"pillow {Image.__version__}, torch {torch.__version__})", "",
+             f"pillow {Image.__version__})", "",
              f"Command: `python data_prep.py bench {args.dir} --n {args.n}`", "",
              "| what | workers | images/s |", "|---|---:|---:|"]
     for w in args.workers:
@@ -1030,26 +1029,21 @@ def bench(args):
         rate = len(tasks) / (time.perf_counter() - t0)
         lines.append(f"| convert 1024x1024 PNG -> 256 PNG | {w} | {rate:.1f} |")
 
-    # The trainer's own loader (radjepa.CXRDataset: decode + random resized crop to 224, scale 0.3-1, no flips:
-    # laterality matters), imported here only: data_prep.py itself never depends on radjepa.py.
-    import radjepa
-    cfg = radjepa.make_config({"img_size": 224, "patch": 16})
-
-    def stack(items):
-        return torch.stack([x for x, _, _ in items if x is not None])
-
+    # The trainer's own loader (decode + random resized crop to 224, scale 0.3-1, no flips, + mask sampling), timed
+    # by radjepa.py itself (`--bench-loader`) in a child process: data_prep.py never imports the model code.
+    trainer = Path(__file__).resolve().with_name("radjepa.py")
+    if not trainer.is_file():
+        raise PrepError(f"bench: {trainer} not found (the loader half of the benchmark runs the trainer's loader)")
     rates = {}
     for name, folder in (("prepared 256 PNG", root / f"prep_w{args.workers[-1]}" / "images"), ("original 1024 PNG", raw)):
         for w in args.workers:
-            ds = radjepa.CXRDataset([str(p) for p in sorted(folder.glob("*.png"))], cfg)
-            keys = [(int(i), int(i)) for i in np.random.default_rng(0).permutation(len(ds))]  # (image, sample seed)
-            dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=w, sampler=keys, collate_fn=stack)
-            t0, n = time.perf_counter(), 0
-            for _ in range(args.epochs):
-                for x in dl:
-                    n += len(x)
-            rates[name, w] = n / (time.perf_counter() - t0)
-            lines.append(f"| radjepa loader: {name} + random resized crop 224 | {w} | {rates[name, w]:.1f} |")
+            cmd = [sys.executable, str(trainer), "--data", str(folder), "--img-size", "224", "--patch", "16",
+                   "--batch-size", "32", "--workers", str(w), "--bench-loader", str(max(1, args.epochs * args.n // 32))]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if r.returncode or "loader:" not in r.stdout:
+                raise PrepError(f"bench: {' '.join(cmd)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            rates[name, w] = float(r.stdout.split("loader:")[1].split()[0])
+            lines.append(f"| radjepa loader: {name} + random resized crop 224 + masks | {w} | {rates[name, w]:.1f} |")
     lines += ["", "Loader speed-up of the prepared folder over the originals: " +
               ", ".join(f"{rates['prepared 256 PNG', w] / rates['original 1024 PNG', w]:.1f}x ({w} workers)"
                         for w in args.workers), ""]

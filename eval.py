@@ -63,6 +63,13 @@ SPLITS = ("train", "val", "test")
 LINEAR_L2 = (1e-4, 1e-3, 1e-2, 1e-1)      # L2 penalty on the logistic-regression weights (features are standardized)
 ATTENTIVE_LR = (3e-4, 1e-3, 3e-3)          # AdamW learning rate of the attentive probe (weight decay fixed at 0.05)
 SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmentation head (weight decay 1e-4)
+# --quick: the evaluation to run right after the README quick start (<= 5 min on 2 CPU cores). It keeps the probes
+# that separate a short JEPA run from random init first (BENCHMARKS.md): segmentation and the grid probe, read at
+# twice the training resolution (the default of --img-size/--seg-img-size under --quick), and drops the slow
+# attentive probe. Flags given explicitly win over these values.
+QUICK = dict(probe=["linear", "grid"], seg_epochs=15, n_boot=500, mask_size=64)
+# Below this many pretraining images (steps x batch) no run of ours has beaten random init: the report says so.
+MIN_IMAGES_TO_WIN = 16000
 
 
 class EvalError(Exception):
@@ -440,14 +447,14 @@ def n_heads(dim):
     return next(h for h in (8, 4, 2, 1) if dim % h == 0 and dim // h >= 16) if dim >= 16 else 1
 
 
-def train_loop(model, loss_fn, n, epochs, lr, wd, batch_size, seed, device):
+def train_loop(model, loss_fn, n, epochs, lr, wd, batch_size, seed, device, desc="probe"):
     """AdamW with a cosine schedule, mini-batches of row indices into the train split; loss_fn(model, idx) -> loss."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     steps = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
         for idx in torch.randperm(n, generator=g).split(batch_size):
             loss = loss_fn(model, idx.to(device))
             opt.zero_grad(set_to_none=True)
@@ -514,7 +521,7 @@ def fit_classification(probe, feats, data, args, device, log):
         x = feats["pooled"].float() if probe == "linear" else grid_pool(feats["tokens"], args.grid)
         mu, sd = standardizer(x[tr]); x = (x - mu) / sd
         best = None
-        for l2 in LINEAR_L2:
+        for l2 in tqdm(LINEAR_L2, desc=f"{probe} probe L2 grid", leave=False):
             W, b = train_linear(x[tr], y[tr], l2)
             score = macro_auroc(y_val, (x[va] @ W + b).numpy())
             log(f"    {probe} l2={l2:g}: val macro AUROC {score:.4f}")
@@ -533,7 +540,7 @@ def fit_classification(probe, feats, data, args, device, log):
         torch.manual_seed(args.seed)
         model = AttentiveProbe(tok.shape[2], y.shape[1], n_heads(tok.shape[2])).to(device)
         train_loop(model, lambda m, idx: masked_bce(m(get(trd[idx])), y_tr[idx]),
-                   len(tr), args.epochs, lr, 0.05, args.batch_size, args.seed, device)
+                   len(tr), args.epochs, lr, 0.05, args.batch_size, args.seed, device, f"attentive lr={lr:g}")
         with torch.no_grad():
             s_val = predict_batched(lambda r: model(get(va[r])).cpu(), len(va)).numpy()
         score = macro_auroc(y_val, s_val)
@@ -585,7 +592,7 @@ def fit_segmentation(feats, masks, data, args, device, log):
         model = SegHead(tok.shape[2], len(structs), args.seg_head).to(device)
         model.init_bias(prior.to(device))
         train_loop(model, lambda m, idx: seg_loss(m(get(trd[idx]), L), gt_tr[idx], known_tr[idx]),
-                   len(tr), args.seg_epochs, lr, 1e-4, args.batch_size, args.seed, device)
+                   len(tr), args.seg_epochs, lr, 1e-4, args.batch_size, args.seed, device, f"seg lr={lr:g}")
         score, _ = val_dice(model, va)
         log(f"    seg ({args.seg_head}) lr={lr:g}: val mean Dice {score:.4f}")
         if best is None or score > best[0]:
@@ -807,11 +814,76 @@ def fmt_p(c):
     return f"{c['p']:.3f}{mark}" if c["p"] is not None else "-"
 
 
+def pretraining_summary(ckpt, radjepa):
+    """How much pretraining the checkpoint had: steps, images seen, epochs, size, and the last logged loss and erank
+    (from log.jsonl beside the checkpoint, when there is one)."""
+    ck = radjepa.read_checkpoint(ckpt)
+    c, step = ck["config"], int(ck.get("step", 0))
+    s = dict(step=step, batch_size=c["batch_size"], images_seen=step * c["batch_size"], width=c["width"],
+             depth=c["depth"], img_size=c["img_size"], loss=None, erank=None, train_images=None)
+    log_path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "log.jsonl")
+    if os.path.isfile(log_path):
+        with open(log_path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        train = [r for r in recs if r.get("type") == "train" or "loss" in r]
+        head = [r for r in recs if r.get("type") == "header" or "images" in r]
+        if train:
+            s["loss"], s["erank"] = train[-1]["loss"], train[-1].get("target_erank")
+        if head:
+            s["train_images"] = head[-1].get("images")
+    return s
+
+
+def too_short_text(s):
+    epochs = f", {s['images_seen'] / s['train_images']:.0f} epochs" if s.get("train_images") else ""
+    return (f"this checkpoint was pretrained on only {s['images_seen']:,} images ({s['step']} steps of "
+            f"{s['batch_size']}{epochs}); below about {MIN_IMAGES_TO_WIN:,} no run here has beaten random init, so "
+            f"expect no significant win")
+
+
+def verdict(m):
+    """Did pretraining beat the reference encoder (random init unless --compare)? Wins and losses are the
+    significant (p < 0.05) differences of macro AUROC per classification probe and of Dice per structure."""
+    ref, wins, losses = m["compare"], [], []
+    for key, r in m.get("classification", {}).items():
+        t = r.get("vs", {}).get(ref, {}).get("tests", {}).get("macro", {}).get("auroc")
+        if key.startswith(m["main"] + "/") and t:
+            probe = key.split("/")[1]
+            b = m["classification"][f"{ref}/{probe}"]["macro"]["auroc"]
+            item = f"{probe} probe macro AUROC {r['macro']['auroc']:.3f} vs {b:.3f} (p = {t['p']:.3f})"
+            (wins if t["verdict"] == "better" else losses if t["verdict"] == "worse" else []).append(item)
+    seg = m.get("segmentation", {})
+    for st, t in seg.get(m["main"], {}).get("vs", {}).get(ref, {}).items():
+        if st != "mean" and t.get("dice"):
+            a, b = seg[m["main"]]["dice"][st]["dice"], seg[ref]["dice"][st]["dice"]
+            item = f"{st} Dice {a:.3f} vs {b:.3f} (p = {t['dice']['p']:.3f})"
+            (wins if t["dice"]["verdict"] == "better" else losses if t["dice"]["verdict"] == "worse" else []).append(item)
+    name = "random init" if ref == "random" else f"`{ref}`"
+    if wins:
+        text = f"Pretraining helped: significantly better than {name} on " + "; ".join(wins) + "."
+    else:
+        text = f"No significant win over {name} on any task."
+        pt = m.get("pretraining")
+        if ref == "random" and pt:
+            text += (f" The model ({pt['width']} wide, {pt['depth']} deep) saw {pt['images_seen']:,} images"
+                     + (f", final loss {pt['loss']:.3f}, effective rank {pt['erank']:.0f}" if pt.get("loss") else "")
+                     + ". " + ("It is too short: " + too_short_text(pt) + ". " if pt["images_seen"] < MIN_IMAGES_TO_WIN
+                              else "") + "The README quick start (600 steps) and `bash experiment.sh cpu` show a "
+                     "significant win (BENCHMARKS.md).")
+    if losses:
+        text += f" Worse than {name} on: " + "; ".join(losses) + "."
+    return dict(helped=bool(wins), wins=wins, losses=losses, text=text)
+
+
 def make_report(m):
     L = [f"# RadJEPA probe report", "",
          f"checkpoint `{m['config']['ckpt']}`, data `{m['config']['data']}`, {m['config']['n_boot']} bootstrap "
          f"resamples over test patients, 95% percentile CIs. p = paired two-sided bootstrap p-value of "
          f"`{m['main']}` vs the named encoder (↑ significantly better, ↓ worse, at p < 0.05).", ""]
+    if m.get("status", "complete") != "complete":
+        L += [f"**Partial report ({m['status']}).**", ""]
+    if m.get("verdict"):
+        L += ["## Verdict", "", m["verdict"]["text"], ""]
     cls = m.get("classification", {})
     if cls:
         L += ["## Classification: macro means over labels", "",
@@ -918,7 +990,15 @@ def parse_args(argv):
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-init baseline encoder")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
     p.add_argument("--no-baselines", action="store_true", help="skip the pixels baseline (random/--compare stay)")
-    return p.parse_args(argv)
+    quick = ", ".join(f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in QUICK.items())
+    p.add_argument("--quick", action="store_true", help=f"the <= 5-minute evaluation for the README quick start: "
+                   f"{quick}, features at 2x the training resolution; flags given explicitly win")
+    args = p.parse_args(argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
+    for k, v in QUICK.items() if args.quick else ():
+        if not any(a.split("=")[0] == "--" + k.replace("_", "-") for a in given):
+            setattr(args, k, v)
+    return args
 
 
 def main(argv=None):
@@ -956,8 +1036,8 @@ def run(args):
     enc0 = encoders["jepa"]
     patch = enc0.patch_size
     train_size = int(enc0.config.get("img_size", 224))
-    cls_size = args.img_size or train_size
-    seg_size = args.seg_img_size or max(train_size, 16 * patch)
+    cls_size = args.img_size or (2 * train_size if args.quick else train_size)
+    seg_size = args.seg_img_size or (2 * train_size if args.quick else max(train_size, 16 * patch))
     for name, enc in encoders.items():
         for s in (cls_size, seg_size):
             if s % enc.patch_size:
@@ -1015,6 +1095,23 @@ def run(args):
     metrics = {"main": "jepa", "compare": compare_name, "labels": data["label_names"],
                "structures": data["structures"] if do_seg else []}
     probes = [p for p in ("linear", "grid", "attentive") if p in args.probe or "all" in args.probe]
+    metrics["config"] = {**vars(args), "probes": probes, "cls_img_size": cls_size, "seg_img_size": seg_size,
+                         "seg_grid": seg_size // patch, "cls_grid": cls_size // patch, "device": str(device),
+                         "train_config": enc0.config, "n_test": int(len(test_rows)),
+                         "grids": {"linear_l2": LINEAR_L2, "attentive_lr": ATTENTIVE_LR, "seg_lr": SEG_LR},
+                         "bootstrap": "patients resampled with replacement, percentile 95% CI",
+                         "p_value": "min(1, 2*min((#d<=0 + 1)/(B+1), (#d>=0 + 1)/(B+1)))"}
+    metrics["features"] = {"img_size": sizes[0], "n_images": int(len(geo_rows)), **geometry}
+    metrics["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    metrics["pretraining"] = pretraining_summary(args.ckpt, radjepa)
+    if compare_name == "random" and metrics["pretraining"]["images_seen"] < MIN_IMAGES_TO_WIN:
+        log(f"warning: {too_short_text(metrics['pretraining'])}")
+
+    def save(status):                      # after every task, atomically: a kill leaves the tasks done so far
+        metrics["status"], metrics["seconds"], metrics["log"] = status, round(time.time() - t0, 1), log_lines
+        metrics["verdict"] = verdict(metrics)
+        write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
+        write_text(os.path.join(out, "report.md"), make_report(metrics))
 
     # --- classification ---------------------------------------------------------------------------------------------
     curves = {}
@@ -1049,6 +1146,7 @@ def run(args):
                                        "n_better": {mt: v.count("better") for mt, v in per.items()},
                                        "n_worse": {mt: v.count("worse") for mt, v in per.items()}}
         metrics["classification"] = cls
+        save("partial: classification done" + (", segmentation still to run" if do_seg else ""))
 
     # --- segmentation -----------------------------------------------------------------------------------------------
     seg_preds = {}
@@ -1075,18 +1173,8 @@ def run(args):
         metrics["segmentation"] = seg
 
     # --- outputs ----------------------------------------------------------------------------------------------------
-    metrics["config"] = {**vars(args), "probes": probes, "cls_img_size": cls_size, "seg_img_size": seg_size,
-                         "seg_grid": seg_size // patch, "cls_grid": cls_size // patch, "device": str(device),
-                         "train_config": enc0.config, "n_test": int(len(test_rows)),
-                         "grids": {"linear_l2": LINEAR_L2, "attentive_lr": ATTENTIVE_LR, "seg_lr": SEG_LR},
-                         "bootstrap": "patients resampled with replacement, percentile 95% CI",
-                         "p_value": "min(1, 2*min((#d<=0 + 1)/(B+1), (#d>=0 + 1)/(B+1)))"}
-    metrics["features"] = {"img_size": sizes[0], "n_images": int(len(geo_rows)), **geometry}
-    metrics["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    metrics["seconds"] = round(time.time() - t0, 1)
-    metrics["log"] = log_lines                                  # the val scores of every hyper-parameter tried
-    write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
-    write_text(os.path.join(out, "report.md"), make_report(metrics))
+    save("complete")                                            # metrics.json keeps the log: every val score tried
+    log(metrics["verdict"]["text"])
     if curves:
         draw_pr_curves(curves, data["label_names"], os.path.join(out, "pr_curves.png"))
     if seg_preds:
