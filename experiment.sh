@@ -6,7 +6,7 @@
 #
 #   bash experiment.sh smoke [OUT]   # ~3 minutes on 2 CPU cores: the pipeline end to end (numbers mean nothing)
 #   bash experiment.sh cpu   [OUT]   # the benchmark on 2 CPU cores, about 60-65 minutes
-#   bash experiment.sh cpu-long [OUT] # the same with 2,000 pretraining steps instead of 1,000, about 90 minutes
+#   bash experiment.sh cpu-long [OUT] # the same with 2,000 pretraining steps instead of 1,000, about 70 minutes
 #   bash experiment.sh gpu   [OUT]   # GPU scale (more images, larger model, more steps): sized for <= 10 min on an H200
 #
 # Re-running is cheap: the dataset is kept if OUT/data/meta.json exists, pretraining resumes from OUT/jepa/ckpt.pt
@@ -41,7 +41,7 @@ case "$MODE" in
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
           --batch-size 64) ;;
   cpu-long)
-    # the cpu experiment with 2x the pretraining steps (~90 min on 2 cores): JEPA features keep improving with steps
+    # the cpu experiment with 2x the pretraining steps (~70 min on 2 cores): JEPA features keep improving with steps
     N=2000;  SIZE=256; SEED=0
     TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128
            --batch-size 64 --steps 2000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
