@@ -71,9 +71,9 @@ SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmenta
 # twice the training resolution (the default of --img-size/--seg-img-size under --quick), and drops the slow
 # attentive probe. Flags given explicitly win over these values.
 QUICK = dict(probe=["linear", "grid"], seg_epochs=15, n_boot=500, mask_size=64)
-# The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md section 1: 1,000 steps
-# of 64, segmentation and grid probe); shorter checkpoints get a warning, and a verdict without a win says why.
-MIN_IMAGES_TO_WIN = 64000
+# The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md, quick start: 200 steps
+# of 32, grid probe at 2x resolution, p = 0.04); shorter checkpoints get a warning, a verdict without a win says why.
+MIN_IMAGES_TO_WIN = 6400
 
 
 class EvalError(Exception):
