@@ -1138,7 +1138,8 @@ def verdict(m):
             (wins if t["dice"]["verdict"] == "better" else losses if t["dice"]["verdict"] == "worse" else []).append(item)
     name = "random init" if ref == "random" else f"`{ref}`"
     if wins:
-        text = f"Pretraining helped: significantly better than {name} on " + "; ".join(wins) + "."
+        text = ("Pretraining helped" if not losses else "Mixed result") + \
+            f": significantly better than {name} on " + "; ".join(wins) + "."
     else:
         text = f"No significant win over {name} on any task."
         pt = m.get("pretraining")
