@@ -1143,7 +1143,8 @@ def beam_search(model, prefix, n, beam, max_len, device):
         done = done[parent] | (tok == EOS)
         if done.all():
             break
-        caches = [(k[parent], v[parent]) for k, v in caches]
+        if beam > 1:                                              # each beam continues its parent's history
+            caches = [(k[parent], v[parent]) for k, v in caches]
         logits, caches = model.step(model.embed(tok[:, None]), model.n_prefix + 1 + t, caches)
     best = score.argmax(1) + torch.arange(n, device=device) * beam
     out = []
@@ -1169,8 +1170,10 @@ def train_decoder(prefix, ids, vocab_size, tr, va, args, device, log, name):
                           vocab_size, args.report_width, args.report_layers, args.report_max_len,
                           args.report_dropout).to(device)
     get = lambda rows: None if prefix is None else prefix[rows].to(device)  # noqa: E731
-    loss_of = lambda rows: F.cross_entropy(model(get(rows), ids[rows, :-1].to(device)).flatten(0, 1),  # noqa: E731
-                                           ids[rows, 1:].flatten().to(device), ignore_index=PAD)
+
+    def loss_of(rows):
+        w = ids[rows, :int((ids[rows] != PAD).sum(1).max())].to(device)      # cut the batch's all-<pad> columns
+        return F.cross_entropy(model(get(rows), w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(), ignore_index=PAD)
     opt = torch.optim.AdamW(model.parameters(), lr=args.report_lr, weight_decay=0.01)
     steps = args.report_epochs * math.ceil(len(tr) / args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
