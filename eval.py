@@ -914,7 +914,8 @@ def make_report(m):
 #           (pooled counts) and macro (mean over labels with a positive reference in the test set).
 # Baselines under the same decoder and budget: random-init encoder, raw pixels, "none" (no prefix: the decoder alone
 # learns the most typical report), and retrieval (the report of the nearest train image by cosine similarity of the
-# standardized mean-pooled JEPA tokens). CIs and p-values: the patient bootstrap and paired test of sections 1 and 6.
+# standardized mean-pooled tokens; "retrieval-jepa", and the same with each other encoder's tokens, which compares the
+# feature spaces with no training at all). CIs and p-values: the patient bootstrap and paired test of sections 1, 6.
 
 REPORT_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD, BOS, EOS, UNK = range(4)
@@ -1237,24 +1238,23 @@ def report_task(data, feats, enc_names, size, args, device, log):
                                    args.report_max_len, device)
             hyps[f"{name}/{mode}"] = [[inv[j] for j in s] for s in out]
         info[name]["seconds"] = round(time.time() - t0, 1)
-    # retrieval: the nearest train image's report, cosine similarity of standardized mean-pooled JEPA tokens
-    pooled = feats[("jepa", size)]["tokens"].float().mean(1)
-    mu, sd = standardizer(pooled[tr])
-    z = F.normalize((pooled - mu) / sd, dim=1)
-    nearest = tr[(z[te] @ z[tr].T).argmax(1).numpy()]
-    hyps["retrieval"] = [tokenize(text[i]) for i in nearest]
+    for name in enc_names:       # retrieval: the nearest train image's report (cosine, standardized mean-pooled tokens)
+        pooled = feats[(name, size)]["tokens"].float().mean(1)
+        mu, sd = standardizer(pooled[tr])
+        z = F.normalize((pooled - mu) / sd, dim=1)
+        hyps[f"retrieval-{name}"] = [tokenize(text[i]) for i in tr[(z[te] @ z[tr].T).argmax(1).numpy()]]
     res, samples = {}, {}
     for key, h in hyps.items():
         res[key], samples[key] = report_statistics(h, refs, resamples)
         log(f"    {key}: BLEU-4 {fmt(res[key]['bleu4'], res[key]['bleu4_ci'])}  ROUGE-L {res[key]['rouge_l']:.3f}  "
             f"CE F1 micro {fmt(res[key]['ce_f1_micro'])} macro {fmt(res[key]['ce_f1_macro'])}")
     vs = {}
-    for mode in ("greedy", "beam3"):
-        a = f"jepa/{mode}"
-        val = lambda k: (lambda _, m: res[k][m])  # noqa: E731
-        for b in [f"{n}/{mode}" for n in enc_names[1:] + ["none"]] + ["retrieval"]:
-            ok = [("all", m) for m in REPORT_METRICS if res[a][m] is not None and res[b][m] is not None]
-            vs.setdefault(a, {})[b] = compare(samples[a], samples[b], val(a), val(b), ok).get("all", {})
+    val = lambda k: (lambda _, m: res[k][m])  # noqa: E731
+    pairs = [(f"jepa/{d}", b) for d in ("greedy", "beam3") for b in
+             [f"{n}/{d}" for n in enc_names[1:] + ["none"]] + ["retrieval-jepa"]]
+    for a, b in pairs + [("retrieval-jepa", f"retrieval-{n}") for n in enc_names[1:]]:
+        ok = [("all", m) for m in REPORT_METRICS if res[a][m] is not None and res[b][m] is not None]
+        vs.setdefault(a, {})[b] = compare(samples[a], samples[b], val(a), val(b), ok).get("all", {})
     pick = [i for i in range(len(te)) if any(label_report(text[te[i]]).values())][:3]
     pick += [i for i in range(len(te)) if i not in pick][:6 - len(pick)]
     examples = [{"row": int(te[i]), "id": data["ids"][te[i]], "reference": text[te[i]],
