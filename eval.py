@@ -14,7 +14,8 @@ What one run does, top to bottom (the file reads in the same order):
   3. features: run each frozen encoder once over every image (cached in OUT/cache/), keep the patch tokens (fp16).
      Encoders in one run: the checkpoint's EMA target encoder ("jepa"), the same architecture randomly initialised
      ("random"), raw pixels ("pixels": a downsampled image for the linear probe, the patch's pixels as its "token"),
-     and optionally a second checkpoint ("other", via --compare OTHER.pt).
+     and optionally a second checkpoint ("other", via --compare OTHER.pt). --ckpt and --compare also take external
+     encoders, timm:NAME_OR_DIR and hf:NAME_OR_DIR (Rad-DINO, DINOv2, any timm model), through one adapter (3b).
   4. probes: linear (logistic regression on mean-pooled tokens, L-BFGS), grid (the same on tokens mean-pooled per cell
      of a 4x4 partition of the patch grid: coarse position kept), attentive (one learned query cross-attending over
      the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
@@ -47,6 +48,7 @@ import contextlib
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -178,36 +180,72 @@ def paired_p_value(samples_a, samples_b):
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. The prepared dataset
 
+LABEL_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "": np.nan}   # the only label cells accepted; blank = unknown
+
+
+def read_text(path):
+    """A text file as str (UTF-8, a byte-order mark allowed); other bytes are an EvalError naming the file and line."""
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise EvalError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+
+
 def read_prepared(root, task):
     """Reads labels.csv (+ masks/) of a prepared folder. Returns a dict of numpy arrays; raises EvalError if the
-    folder lacks what `task` needs. Labels: float [N, L] with nan for unknown (blank cell)."""
+    folder lacks what `task` needs. Labels: float [N, L] with nan for unknown (blank cell).
+    Refused, each naming the file, line (and column): a label cell other than 1 / 0 / blank (CheXpert's -1 or a 0.5
+    would silently wreck a probe: map them with data_prep.py --uncertain), an image path that leaves the folder, an
+    image listed twice (it would count twice in test), a row whose split is not train/val/test."""
     csv_path = os.path.join(root, "labels.csv")
     if not os.path.isfile(csv_path):
         raise EvalError(f"{root} is not a prepared dataset: labels.csv is missing (make one with data_prep.py)")
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        rows = list(reader)
+    reader = csv.reader(io.StringIO(read_text(csv_path), newline=""))
+    header = next(reader, None)
+    rows = [(reader.line_num, r) for r in reader if r]
     if header is None or header[:3] != ["image", "patient", "split"]:
         raise EvalError(f"{csv_path}: header must start with image,patient,split (got {header})")
     label_names = header[3:]
-    ids, paths, patients, splits, labels = [], [], [], [], []
-    for r in rows:
+    ids, paths, patients, splits, labels, seen = [], [], [], [], [], {}
+    for line, r in rows:
+        where = f"{csv_path} line {line}"
         if len(r) != len(header):
-            raise EvalError(f"{csv_path}: a row has {len(r)} cells, the header has {len(header)}: {r[:3]}")
+            raise EvalError(f"{where}: the row has {len(r)} cells, the header has {len(header)}: {r[:3]}")
         if r[2] not in SPLITS:
-            raise EvalError(f"{csv_path}: split must be one of {SPLITS}, got {r[2]!r} for {r[0]}")
-        paths.append(os.path.join(root, r[0]))
-        ids.append(os.path.splitext(os.path.basename(r[0]))[0])
+            raise EvalError(f"{where}: split must be one of {', '.join(SPLITS)}, got {r[2]!r} for {r[0]}")
+        img = os.path.normpath(r[0])
+        if os.path.isabs(img) or img.split(os.sep)[0] in ("..", "."):
+            raise EvalError(f"{where}: image path {r[0]!r} is empty or leaves the prepared folder")
+        if img in seen:
+            raise EvalError(f"{where}: image {r[0]!r} repeats line {seen[img]} (it would count twice)")
+        seen[img] = line
+        bad = [(name, c) for name, c in zip(label_names, r[3:]) if c.strip() not in LABEL_VALUES]
+        if bad:
+            raise EvalError(f"{where}, column {bad[0][0]!r}: label {bad[0][1]!r} is not 1, 0 or blank (unknown); "
+                            f"map uncertain labels first (data_prep.py --uncertain)")
+        paths.append(os.path.join(root, img))
+        ids.append(os.path.splitext(os.path.basename(img))[0])
         patients.append(r[1]); splits.append(r[2])
-        labels.append([float(c) if c.strip() != "" else np.nan for c in r[3:]])
-    for s in ("val", "test"):
+        labels.append([LABEL_VALUES[c.strip()] for c in r[3:]])
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, k in collections.Counter(ids).items() if k > 1)
+        raise EvalError(f"{csv_path}: two images share the id {dup!r} (masks/<structure>/<id>.png would be ambiguous)")
+    for s in SPLITS:
         if s not in splits:
-            raise EvalError(f"{csv_path}: no image in the {s} split (probes pick hyper-parameters on val, report test)")
+            raise EvalError(f"{csv_path}: no image in the {s} split (probes train on train, pick hyper-parameters on "
+                            f"val, report test)")
+    split_of = {}                                  # a patient in two splits leaks test images into training
+    for (line, r), sp in zip(rows, splits):
+        first = split_of.setdefault(r[1], (sp, line))
+        if first[0] != sp:
+            raise EvalError(f"{csv_path} line {line}: patient {r[1]!r} is in {sp} here and in {first[0]} on line "
+                            f"{first[1]}; splits must be by patient")
     mask_root = os.path.join(root, "masks")
     structures = sorted(d for d in os.listdir(mask_root) if os.path.isdir(os.path.join(mask_root, d))) \
         if os.path.isdir(mask_root) else []
-    lab = np.array(labels, dtype=np.float64).reshape(len(rows), len(label_names))
+    lab = np.array(labels, dtype=np.float64).reshape(len(ids), len(label_names))
     has_cls = len(label_names) > 0 and np.isfinite(lab[np.array(splits) == "train"]).any()
     if task == "cls" and not has_cls:
         raise EvalError(f"{root}: --task cls needs label columns with known values in labels.csv "
@@ -246,7 +284,11 @@ def load_masks(data, size):
         if not os.path.isfile(path):
             return None
         # area-resize the 0/255 mask and threshold at half: a pixel is "in" if most of it was
-        return np.asarray(Image.open(path).convert("L").resize((size, size), Image.BOX)) >= 128
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L").resize((size, size), Image.BOX)) >= 128
+        except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+            raise EvalError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
     out = {}
     for st in data["structures"]:
         ms = parallel_map(read, [os.path.join(data["root"], "masks", st, i + ".png") for i in data["ids"]],
@@ -329,14 +371,19 @@ def feature_geometry(tokens, rows, effective_rank, n_tokens=20000, seed=0):
 
 
 def cached_features(cache_dir, key_fields, compute):
-    """Loads features from cache_dir if this exact (checkpoint, encoder, size, pooling, dataset) was extracted before,
-    else computes and saves them (atomically). Returns (tokens, pooled)."""
+    """Loads features from cache_dir if this exact (encoder content, size, pooling, image content) was extracted
+    before, else computes and saves them (atomically). Returns (tokens, pooled). Cache files are read as tensors only
+    (no pickled code runs); an unreadable one is recomputed."""
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"feat_{key_fields['encoder']}_{key_fields['img_size']}_{key}.pt")
     if os.path.isfile(path):
-        d = torch.load(path, map_location="cpu")
-        print(f"features: cached {os.path.basename(path)}")
-        return d["tokens"], d["pooled"]
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            if d["key"] == key_fields:
+                print(f"features: cached {os.path.basename(path)}")
+                return d["tokens"], d["pooled"]
+        except Exception as e:
+            print(f"features: ignoring unreadable cache file {path} ({type(e).__name__})")
     tokens, pooled = compute()
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp"
@@ -345,9 +392,238 @@ def cached_features(cache_dir, key_fields, compute):
     return tokens, pooled
 
 
-def file_fingerprint(path):
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def content_key(path):
+    """sha256 of what an encoder (or dataset) is made of: a file's bytes, or every file under a folder (relative name
+    and bytes, e.g. a Hugging Face model directory). Another checkpoint with the same size and mtime gets another
+    key; a copied or touched file keeps its key. A name that is not a path (a hub model id) is its own key."""
+    if not os.path.exists(path):
+        return str(path)
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns)
+    for f in files:
+        h.update(os.path.relpath(f, path).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3b. External encoders: --ckpt / --compare timm:NAME_OR_DIR or hf:NAME_OR_DIR (Rad-DINO, DINOv2, any timm model).
+# One adapter gives them the contract of radjepa.load_encoder, so every probe below runs unchanged on them.
+
+EXTERNAL = ("timm:", "hf:")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def is_external(spec):
+    return spec.startswith(EXTERNAL)
+
+
+class ExternalEncoder(nn.Module):
+    """A frozen timm / Hugging Face image model with load_encoder's contract: x float [B, 1, H, W] in [0, 1] -> patch
+    tokens [B, N, D], row-major on the model's own square g x g grid. Per batch: resize to the model's input size
+    (antialiased bilinear, the whole image: no centre crop, which would cut off the costophrenic angles), gray -> its
+    number of channels (the same values in each), (x - mean) / std with its own statistics, run it, and drop the
+    tokens that are not patches (CLS, registers, distillation token). Rad-DINO: 518 px, patch 14 -> 37 x 37 tokens.
+    With n_last_blocks=k: a list of the last k blocks' tokens through the final norm (as for --pool last4)."""
+
+    def __init__(self, spec, model, size, chans, mean, std, patch=None, nhwc=False):
+        super().__init__()
+        self.spec, self.model, self.size, self.chans, self.nhwc = spec, model.float().eval(), size, chans, nhwc
+        for n, v in (("mean", mean), ("std", std)):             # one value for gray models, else one per channel
+            v = [float(a) for a in v] * (chans if len(v) == 1 else 1)
+            self.register_buffer(n, torch.tensor(v).view(1, -1, 1, 1))
+        if self.mean.shape[1] != chans:
+            raise EvalError(f"{spec}: mean/std have {self.mean.shape[1]} values, the model takes {chans} channels")
+        self.requires_grad_(False)
+        with torch.no_grad():                                   # one blank image tells where the patch tokens are
+            out = self.run(torch.zeros(1, chans, size[0], size[1]))
+        grid, self.n_prefix = None, 0
+        if out.ndim == 4:                                       # a feature map: NCHW (CNNs), NHWC (timm Swin)
+            grid = tuple(out.shape[1:3] if nhwc else out.shape[2:])
+        elif out.ndim == 3:
+            L, g = out.shape[1], (size[0] // patch, size[1] // patch) if patch else (0, 0)
+            if g[0] and 0 <= L - g[0] * g[1] <= 8:              # ViT-like: [CLS, registers, ..., patch tokens]
+                grid, self.n_prefix = g, L - g[0] * g[1]
+            elif math.isqrt(L) ** 2 == L:                       # no patch size known (or hierarchical): all tokens
+                grid = (math.isqrt(L),) * 2
+        if not grid or grid[0] != grid[1] or grid[0] == 0:
+            raise EvalError(f"{spec}: its output {tuple(out.shape)} at {size[0]}x{size[1]} px has no square patch grid "
+                            f"(eval.py needs per-patch tokens [B, g*g (+ up to 8 CLS/register tokens), D])")
+        self.grid, self.dim = int(grid[0]), int(out.shape[1 if out.ndim == 4 and not nhwc else -1])
+        self.patch_size = size[0] // self.grid                  # pixels per token side (the pixel baseline uses it)
+        self.config = {"img_size": size[0], "source": spec, "model": type(model).__name__, "grid": self.grid,
+                       "dim": self.dim, "prefix_tokens_dropped": self.n_prefix, "channels": chans,
+                       "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+    def describe(self):
+        c = self.config
+        return (f"{self.spec} ({c['model']}, {c['img_size']} px, {c['grid']}x{c['grid']} tokens of {c['dim']} dims, "
+                f"{c['prefix_tokens_dropped']} CLS/register token(s) dropped, gray -> {c['channels']} channel(s), "
+                f"mean {[round(v, 4) for v in c['mean']]}, std {[round(v, 4) for v in c['std']]})")
+
+    def run(self, x, k=None):
+        """The model's own output: [B, L, D] tokens or a [B, C, h, w] map (a list of the last k with k)."""
+        if hasattr(self.model, "forward_features"):            # timm
+            if k:                                               # min(k, taps), as load_encoder's min(k, depth)
+                k = min(k, len(getattr(self.model, "feature_info", None) or getattr(self.model, "blocks", ())) or k)
+                return self.model.forward_intermediates(x, indices=k, norm=True, output_fmt="NCHW",
+                                                        intermediates_only=True)
+            return self.model.forward_features(x)
+        out = self.model(pixel_values=x, output_hidden_states=bool(k))
+        if not k:
+            return out.last_hidden_state
+        norm = getattr(self.model, "layernorm", None)          # ViT / DINOv2: the final norm sits outside the blocks
+        hidden = out.hidden_states[1:]                          # [0] is the embedding output, not a block's
+        return [norm(h) if norm is not None and h.ndim == 3 else h for h in hidden[-k:]]
+
+    def tokens(self, out, fmt_nhwc):
+        if out.ndim == 4:
+            return (out.flatten(1, 2) if fmt_nhwc else out.flatten(2).transpose(1, 2))   # [B, h*w, C]
+        return out[:, self.n_prefix:]
+
+    def forward(self, x, n_last_blocks=None):
+        x = F.interpolate(x.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x.expand(-1, self.chans, -1, -1) - self.mean) / self.std
+        if n_last_blocks:
+            return [self.tokens(o, False) for o in self.run(x, n_last_blocks)]
+        return self.tokens(self.run(x), self.nhwc)
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _load_timm(spec, name, random_init):
+    try:
+        import timm
+        import timm.data
+    except Exception as e:  # not installed, or a torchvision built for another torch ("torchvision::nms ... not exist")
+        raise EvalError(f"{spec} needs timm: pip install timm (and a torchvision built for torch {torch.__version__}); "
+                        f"import failed with {_first_line(e)}")
+    if os.path.isdir(name):                                     # e.g. `radjepa.py export` output, or a hub snapshot
+        cfg = _read_json(os.path.join(name, "config.json"))
+        if not isinstance(cfg, dict) or "architecture" not in cfg:
+            raise EvalError(f"{name}: not a timm model folder (no config.json with an 'architecture')")
+        try:
+            model = timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {}))
+        except Exception as e:
+            raise EvalError(f"{name}/config.json does not build a timm model ({_first_line(e)})")
+        if not random_init:
+            files = [os.path.join(name, f) for f in ("model.safetensors", "pytorch_model.bin")]
+            w = next((f for f in files if os.path.isfile(f)), None)
+            if w is None:
+                raise EvalError(f"{name}: no weights (model.safetensors or pytorch_model.bin)")
+            try:
+                if w.endswith(".safetensors"):
+                    import safetensors.torch
+                    sd = safetensors.torch.load_file(w)
+                else:
+                    sd = torch.load(w, map_location="cpu", weights_only=True)
+                model.load_state_dict(sd)
+            except Exception as e:
+                raise EvalError(f"{w}: cannot load into {cfg['architecture']} ({_first_line(e)})")
+        pc = {**dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD), **cfg.get("pretrained_cfg", {})}
+    else:
+        try:
+            model = timm.create_model(name, pretrained=not random_init, num_classes=0)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise EvalError(f"{spec}: unknown timm model name (see timm.list_models('*{name.split('.')[0][:8]}*'))")
+            raise EvalError(f"{spec}: {_first_line(e)}")
+        except Exception as e:                                  # no network and no cached weights, bad hub id, ...
+            raise EvalError(f"{spec}: cannot get the pretrained weights ({_first_line(e)}); for a local copy pass "
+                            f"timm:FOLDER (config.json + weights)")
+        pc = timm.data.resolve_model_data_config(model)
+    chans = int(pc["input_size"][0])
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return model, tuple(pc["input_size"][1:]), chans, pc["mean"], pc["std"], patch, \
+        getattr(model, "output_fmt", "NCHW") == "NHWC"
+
+
+def _hf_file(name, filename):
+    if os.path.isdir(name):
+        return _read_json(os.path.join(name, filename))
+    try:
+        from huggingface_hub import hf_hub_download
+        return _read_json(hf_hub_download(name, filename))
+    except Exception:
+        return None
+
+
+def _load_hf(spec, name, random_init):
+    try:
+        import inspect
+
+        import transformers
+    except Exception as e:
+        raise EvalError(f"{spec} needs transformers: pip install transformers (import failed with {_first_line(e)})")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise EvalError(f"{name}: not a Hugging Face model folder (no config.json)")
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise EvalError(f"{name}: no such folder (hf: takes a local folder or a hub name like microsoft/rad-dino)")
+    transformers.utils.logging.disable_progress_bar()          # its per-tensor loading bar; warnings stay on
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+        model = (transformers.AutoModel.from_config(config) if random_init
+                 else transformers.AutoModel.from_pretrained(name))
+    except Exception as e:                                      # unknown name, offline, not a model, unknown type, ...
+        raise EvalError(f"{spec}: cannot load a model ({_first_line(e)})")
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        raise EvalError(f"{spec}: {type(model).__name__} is not an image encoder (it takes no pixel_values)")
+    pp = _hf_file(name, "preprocessor_config.json") or {}
+    size = getattr(config, "image_size", 224)
+    for key in ("crop_size", "size"):                           # the model's input size, as its processor sets it
+        v = pp.get(key) if key == "size" or pp.get("do_center_crop", True) else None
+        if isinstance(v, int) or (isinstance(v, dict) and ("height" in v or "shortest_edge" in v)):
+            size = v if isinstance(v, int) else (v["height"], v["width"]) if "height" in v else v["shortest_edge"]
+            break
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    norm = pp.get("do_normalize", True)
+    mean, std = (pp.get("image_mean", IMAGENET_MEAN), pp.get("image_std", IMAGENET_STD)) if norm else ([0.0], [1.0])
+    patch = getattr(config, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return model, size, int(getattr(config, "num_channels", 3)), mean, std, patch, False
+
+
+def load_external(spec, device="cpu", random_init=False, seed=0):
+    """timm:NAME (pretrained weights, downloaded once by timm), timm:FOLDER (config.json + weights, e.g. written by
+    `radjepa.py export`), hf:NAME (Hugging Face hub, e.g. hf:microsoft/rad-dino) or hf:FOLDER (a saved model, works
+    offline) -> ExternalEncoder. random_init=True: the same architecture with fresh weights (nothing downloaded for
+    timm; hf reads only config.json)."""
+    kind, name = spec.split(":", 1)
+    name = os.path.expanduser(name)
+    if not name:
+        raise EvalError(f"{spec}: give a model name or folder after '{kind}:'")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, size, chans, mean, std, patch, nhwc = (_load_timm if kind == "timm" else _load_hf)(spec, name,
+                                                                                                  random_init)
+    try:
+        return ExternalEncoder(spec, model, size, chans, mean, std, patch, nhwc).to(device)
+    except EvalError:
+        raise
+    except Exception as e:
+        raise EvalError(f"{spec}: a {size[0]}x{size[1]} px, {chans}-channel image does not run ({_first_line(e)})")
+
+
+def source_fingerprint(spec):
+    """Feature-cache key of an encoder source, by content (content_key): a checkpoint file's bytes; timm:/hf: the
+    name, plus for a local folder every file in it (new weights in the same folder give a new key)."""
+    if not is_external(spec):
+        return content_key(spec)
+    name = os.path.expanduser(spec.split(":", 1)[1])
+    return {"source": spec, **({"content": content_key(name)} if os.path.isdir(name) else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -817,6 +1093,7 @@ def make_report(m):
          f"checkpoint `{m['config']['ckpt']}`, data `{m['config']['data']}`, {m['config']['n_boot']} bootstrap "
          f"resamples over test patients, 95% percentile CIs. p = paired two-sided bootstrap p-value of "
          f"`{m['main']}` vs the named encoder (↑ significantly better, ↓ worse, at p < 0.05).", ""]
+    L += [f"- `{n}`: {src}" for n, src in m.get("encoders", {}).items()] + ([""] if m.get("encoders") else [])
     cls = m.get("classification", {})
     if cls:
         L += ["## Classification: macro means over labels", "",
@@ -1326,7 +1603,10 @@ def draw_report_examples(images, examples, path, thumb=128, col=330, wrap=52):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Frozen-encoder probes (classification + segmentation) for RadJEPA.")
-    p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt written by radjepa.py")
+    p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt written by radjepa.py, or an external encoder: "
+                   "timm:NAME (pretrained, e.g. timm:vit_base_patch14_dinov2.lvd142m), timm:FOLDER (config.json + "
+                   "weights, e.g. from `radjepa.py export`), hf:NAME or hf:FOLDER (e.g. hf:microsoft/rad-dino); "
+                   "external encoders run at their own resolution and normalisation, --img-size does not apply")
     p.add_argument("--data", required=True, help="a prepared folder (data_prep.py layout)")
     p.add_argument("--task", default="all", choices=["cls", "seg", "report", "all"],
                    help="cls, seg, report (report generation, needs reports.csv), or all (report only if reports.csv)")
@@ -1335,7 +1615,8 @@ def parse_args(argv):
                         "mean-pooled per cell of a --grid x --grid partition (keeps coarse position), attentive (one "
                         "learned query), all")
     p.add_argument("--grid", type=int, default=4, help="cells per side of the grid probe's partition of the tokens")
-    p.add_argument("--compare", default="random", help="'random' or another checkpoint: the paired tests' reference")
+    p.add_argument("--compare", default="random", help="'random', another checkpoint, or timm:NAME_OR_DIR / "
+                   "hf:NAME_OR_DIR (as for --ckpt): the paired tests' reference")
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
     p.add_argument("--img-size", type=int, default=None, help="classification resolution (default: training size)")
     p.add_argument("--seg-img-size", type=int, default=None,
@@ -1367,20 +1648,58 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# Every numeric flag's smallest value, checked before any work starts (None = "default" where the flag allows it).
+AT_LEAST = {"grid": 1, "img_size": 1, "seg_img_size": 1, "mask_size": 1, "pixels_size": 1, "epochs": 1,
+            "seg_epochs": 1, "batch_size": 1, "n_boot": 1, "seed": 0, "random_seed": 0,
+            "report_grid": 1, "report_width": 1, "report_layers": 1, "report_epochs": 1, "report_max_len": 1,
+            "report_min_count": 1}
+
+
+def check_args(args):
+    """Flag ranges, the device and a writable --out, before anything loads. -> (device, out)."""
+    for k, lo in AT_LEAST.items():
+        v = getattr(args, k)
+        if v is not None and v < lo:
+            raise EvalError(f"--{k.replace('_', '-')} must be at least {lo} (got {v})")
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
+    except RuntimeError:
+        raise EvalError(f"--device {args.device!r}: must be auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {args.device!r}: must be auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {args.device}: CUDA is not available here")
+    out = args.out or (os.path.join("runs", "eval_" + "".join(c if c.isalnum() else "_" for c in args.ckpt))
+                       if is_external(args.ckpt) else os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval"))
+    try:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(0, "it is a file, not a folder")
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".probe.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 16))
+        os.remove(probe)
+    except OSError as e:
+        raise EvalError(f"--out {out} is not writable: {e.strerror or e}") from None
+    return device, out
+
+
 def main(argv=None):
     try:
         return run(parse_args(argv))
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a file vanishing mid-run: the OS reason and the path, one line
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
 
 
 def run(args):
     import radjepa                                               # imported here so `eval.py --help` is instant
     t0 = time.time()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
-    os.makedirs(out, exist_ok=True)
+    device, out = check_args(args)
     log_lines = []
 
     def log(msg):
@@ -1388,6 +1707,8 @@ def run(args):
 
     # --- encoders: the checkpoint's target encoder, a random-init twin, optionally another checkpoint -------------
     def load(path, **kw):
+        if is_external(path):                                     # timm:... / hf:... (section 3b)
+            return load_external(path, device=str(device), **kw)
         if not os.path.isfile(path):
             raise EvalError(f"{path}: no such checkpoint")
         try:
@@ -1399,13 +1720,24 @@ def run(args):
     if args.compare != "random":
         encoders["other"] = load(args.compare)
     compare_name = "random" if args.compare == "random" else "other"
+    sources = {n: e.describe() if isinstance(e, ExternalEncoder) else f"{p} (RadJEPA EMA target encoder)"
+               for n, e, p in (("jepa", encoders["jepa"], args.ckpt), ("other", encoders.get("other"), args.compare))
+               if e is not None}
+    sources = {"jepa": sources["jepa"], "random": f"the architecture of {args.ckpt}, randomly initialised (seed "
+               f"{args.random_seed})", **sources}                # the order of the report's tables
+    if not args.no_baselines:
+        sources["pixels"] = "raw pixels (the image downsampled for the linear probes, each patch's pixels as its token)"
+    for n, src in sources.items():
+        log(f"encoder {n}: {src}")
     enc0 = encoders["jepa"]
-    patch = enc0.patch_size
-    train_size = int(enc0.config.get("img_size", 224))
+    # sizes: a RadJEPA encoder's (external encoders run at their own; they set the sizes only when all are external)
+    ref = next((e for e in encoders.values() if not isinstance(e, ExternalEncoder)), enc0)
+    patch = ref.patch_size
+    train_size = int(ref.config.get("img_size", 224))
     cls_size = args.img_size or train_size
     seg_size = args.seg_img_size or max(train_size, 16 * patch)
     for name, enc in encoders.items():
-        for s in (cls_size, seg_size):
+        for s in (cls_size, seg_size) if not isinstance(enc, ExternalEncoder) else ():   # those resize themselves
             if s % enc.patch_size:
                 raise EvalError(f"image size {s} is not a multiple of the patch size {enc.patch_size} ({name})")
 
@@ -1413,8 +1745,6 @@ def run(args):
     has_reports = os.path.isfile(os.path.join(args.data, "reports.csv"))
     if args.task == "report" and not has_reports:
         raise EvalError(f"{args.data}: --task report needs reports.csv (data_prep.py writes it where reports exist)")
-    if args.report_grid < 1 or args.report_max_len < 1 or args.report_epochs < 1:
-        raise EvalError("--report-grid, --report-max-len and --report-epochs must be at least 1")
     do_report = args.task in ("report", "all") and has_reports
     do_cls = args.task in ("cls", "all") and data["has_cls"]
     do_seg = args.task in ("seg", "all") and bool(data["structures"])
@@ -1422,8 +1752,6 @@ def run(args):
         log("skip classification: labels.csv has no label with known values in train")
     if args.task == "all" and not do_seg:
         log("skip segmentation: the dataset has no masks/")
-    if args.grid < 1:
-        raise EvalError(f"--grid must be at least 1 (got {args.grid})")
     if args.task == "all" and not do_report:
         log("skip report generation: the dataset has no reports.csv")
     if not (do_cls or do_seg or do_report):
@@ -1435,18 +1763,19 @@ def run(args):
 
     # --- features, once per (encoder, resolution); raw pixels are recomputed (cheap) -----------------------------
     cache = os.path.join(out, "cache")
-    data_fp = file_fingerprint(os.path.join(args.data, "labels.csv"))
+    data_fp = hashlib.sha256(images.numpy().data).hexdigest()     # the pixels themselves, in order
     ckpt_of = {"jepa": args.ckpt, "random": args.ckpt, "other": args.compare}
     feats = {}                                                     # (encoder, size) -> {"tokens", "pooled"}
     sizes = sorted({*([cls_size] if do_cls or do_report else []), *([seg_size] if do_seg else [])})  # one per size
     for name, enc in encoders.items():
         for size in sizes:
             last4 = args.pool == "last4" and size == cls_size
-            key = {"ckpt": file_fingerprint(ckpt_of[name]), "encoder": name, "random_seed": args.random_seed
-                   if name == "random" else None, "img_size": size, "pool": "last4" if last4 else "mean",
+            esize = enc.size[0] if isinstance(enc, ExternalEncoder) else size   # its own resolution, from the originals
+            key = {"ckpt": source_fingerprint(ckpt_of[name]), "encoder": name, "random_seed": args.random_seed
+                   if name == "random" else None, "img_size": esize, "pool": "last4" if last4 else "mean",
                    "data": data_fp, "n": len(images)}
             tok, pooled = cached_features(cache, key, lambda: extract_tokens(
-                enc, images, size, device, args.batch_size, last4, desc=f"features {name} @{size}"))
+                enc, images, esize, device, args.batch_size, last4, desc=f"features {name} @{esize}"))
             feats[(name, size)] = {"tokens": tok, "pooled": pooled}
     if not args.no_baselines:
         for size in sizes:
@@ -1466,7 +1795,7 @@ def run(args):
     pats = data["patients"][test_rows]
     groups = [np.flatnonzero(pats == p) for p in dict.fromkeys(pats)]       # positions within test, per patient
     resamples = bootstrap_indices(groups, args.n_boot, args.seed)
-    metrics = {"main": "jepa", "compare": compare_name, "labels": data["label_names"],
+    metrics = {"main": "jepa", "compare": compare_name, "encoders": sources, "labels": data["label_names"],
                "structures": data["structures"] if do_seg else []}
     probes = [p for p in ("linear", "grid", "attentive") if p in args.probe or "all" in args.probe]
 
