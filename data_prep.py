@@ -9,6 +9,7 @@ procedurally generated chest-radiograph phantoms, so the whole pipeline runs on 
     python data_prep.py nih ~/data/ChestX-ray14 prep_nih/ --workers 8
     python data_prep.py chexpert ~/data/CheXpert-v1.0-small prep_cx/ --uncertain mixed --frontal-only
     python data_prep.py folder /mnt/pacs_export prep_site/           # any tree of PNG/JPEG/TIFF/DICOM
+    python data_prep.py iu_xray ~/data/iu_xray prep_iu/              # Open-i XML reports + PNGs -> with reports.csv
     python data_prep.py bench /tmp/bench                             # conversion + loader throughput
 
 Prepared layout (OUT/):
