@@ -1475,6 +1475,14 @@ def train_decoder(prefix, ids, vocab_size, tr, va, args, device, log, name):
     return model, {"val_loss": best[0], "epoch": best[1]}
 
 
+def nearest_train(tokens, tr, te):
+    """Retrieval: for each te row, the tr row nearest by cosine similarity of standardized mean-pooled tokens."""
+    pooled = tokens.float().mean(1)
+    mu, sd = standardizer(pooled[tr])
+    z = F.normalize((pooled - mu) / sd, dim=1)
+    return tr[(z[te] @ z[tr].T).argmax(1).numpy()]
+
+
 def report_task(data, feats, enc_names, size, args, device, log):
     """Trains and scores every system; returns (metrics["report"], examples for the pictures)."""
     text = read_reports(data, args.report_section)
@@ -1515,11 +1523,8 @@ def report_task(data, feats, enc_names, size, args, device, log):
                                    args.report_max_len, device)
             hyps[f"{name}/{mode}"] = [[inv[j] for j in s] for s in out]
         info[name]["seconds"] = round(time.time() - t0, 1)
-    for name in enc_names:       # retrieval: the nearest train image's report (cosine, standardized mean-pooled tokens)
-        pooled = feats[(name, size)]["tokens"].float().mean(1)
-        mu, sd = standardizer(pooled[tr])
-        z = F.normalize((pooled - mu) / sd, dim=1)
-        hyps[f"retrieval-{name}"] = [tokenize(text[i]) for i in tr[(z[te] @ z[tr].T).argmax(1).numpy()]]
+    for name in enc_names:
+        hyps[f"retrieval-{name}"] = [tokenize(text[i]) for i in nearest_train(feats[(name, size)]["tokens"], tr, te)]
     res, samples = {}, {}
     for key, h in hyps.items():
         res[key], samples[key] = report_statistics(h, refs, resamples)
