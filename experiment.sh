@@ -29,9 +29,9 @@ PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python
 # - three classification probes (eval.py --probe all): mean-pooled linear, grid-pooled linear (4x4 cells: keeps where
 #   things are, which is what the phantom findings change), attentive. The report also gives each encoder's
 #   effective rank (dimensional collapse shows there) and, for the findings, Dice on the images that have them.
-# - report generation on a CPU: a 2-layer, 64-wide decoder (the default 4 x 256 costs ~4x more per epoch; the
-#   phantom reports have a ~60-word vocabulary), kept to <= 10 min on 2 cores (BENCHMARKS.md §7).
-REPORT_CPU=(--report-width 64 --report-layers 2 --report-epochs 15 --report-lr 1e-3)
+# - report generation on a CPU: a 2-layer, 64-wide decoder for 10 epochs (the default 4 x 256 costs ~4x more per
+#   epoch; the phantom reports have a 62-word vocabulary): 410 CPU-s measured, <= 10 min on 2 cores (BENCHMARKS.md §7).
+REPORT_CPU=(--report-width 64 --report-layers 2 --report-epochs 10 --report-lr 2e-3)
 case "$MODE" in
   smoke)
     N=96;    SIZE=128; SEED=0
