@@ -75,8 +75,9 @@ SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmenta
 # twice the training resolution (the default of --img-size/--seg-img-size under --quick), and drops the slow
 # attentive probe. Flags given explicitly win over these values.
 QUICK = dict(probe=["linear", "grid"], seg_epochs=15, n_boot=500, mask_size=64)
-# The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md section 8, quick start: 200 steps
-# of 32, grid probe at 2x resolution, p = 0.04); shorter checkpoints get a warning, a verdict without a win says why.
+# The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md section 8: 200 quick-
+# start steps of 32, grid probe at 2x resolution, p = 0.04); shorter checkpoints get a warning, and a verdict
+# without a win says why.
 MIN_IMAGES_TO_WIN = 6400
 
 
@@ -1139,7 +1140,8 @@ def verdict(m):
         if st != "mean" and t.get("dice"):
             a, b = seg[m["main"]]["dice"][st]["dice"], seg[ref]["dice"][st]["dice"]
             item = f"{st} Dice {a:.3f} vs {b:.3f} (p = {t['dice']['p']:.3f})"
-            (wins if t["dice"]["verdict"] == "better" else losses if t["dice"]["verdict"] == "worse" else []).append(item)
+            v = t["dice"]["verdict"]
+            (wins if v == "better" else losses if v == "worse" else []).append(item)
     name = "random init" if ref == "random" else f"`{ref}`"
     if wins:
         text = ("Pretraining helped" if not losses else "Mixed result") + \

@@ -924,8 +924,9 @@ def train(c: Config):
     if master:
         os.makedirs(c.out, exist_ok=True)
         header = dict(type="header", config=asdict(c), versions=versions(), world=world, images=len(paths),
-                      kernels="triton" if triton else "torch", params_encoder=sum(p.numel() for p in encoder.parameters()),
-                      params_predictor=sum(p.numel() for p in predictor.parameters()), start_step=step)
+                      kernels="triton" if triton else "torch", start_step=step,
+                      params_encoder=sum(p.numel() for p in encoder.parameters()),
+                      params_predictor=sum(p.numel() for p in predictor.parameters()))
         with open(os.path.join(c.out, "config.json"), "w") as f:
             json.dump(header, f, indent=2)
         with open(os.path.join(c.out, "log.jsonl"), "a") as f:
