@@ -71,9 +71,9 @@ LINEAR_L2 = (1e-4, 1e-3, 1e-2, 1e-1)      # L2 penalty on the logistic-regressio
 ATTENTIVE_LR = (3e-4, 1e-3, 3e-3)          # AdamW learning rate of the attentive probe (weight decay fixed at 0.05)
 SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmentation head (weight decay 1e-4)
 # --quick: the evaluation to run right after the README quick start (<= 5 min on 2 CPU cores). It keeps the probes
-# that separate a short JEPA run from random init first (BENCHMARKS.md): segmentation and the grid probe, read at
-# twice the training resolution (the default of --img-size/--seg-img-size under --quick), and drops the slow
-# attentive probe. Flags given explicitly win over these values.
+# where JEPA beats random init first (BENCHMARKS.md): the grid probe (a 200-step run wins there) and segmentation
+# (the clearest win at 1,000 steps), read at twice the training resolution (the default of --img-size and
+# --seg-img-size under --quick), and drops the slow attentive probe. Flags given explicitly win over these values.
 QUICK = dict(probe=["linear", "grid"], seg_epochs=15, n_boot=500, mask_size=64)
 # The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md section 8: 200 quick-
 # start steps of 32, grid probe at 2x resolution, p = 0.04); shorter checkpoints get a warning, and a verdict
