@@ -20,8 +20,9 @@ the official run they come from loader worker processes, off the timed path). Af
 private exception, so the run ends before the official end-of-epoch checkpoint (GBs for ViT-B).
 
 Timing: ms per step = wall time from handing a batch to the loop until it asks for the next (one whole loop
-iteration; the official step ends with `float(loss)`, a device sync, so this is device time too). On CUDA the official CSV log's own
-`time (ms)` (CUDA events around its train_step) is reported beside it. Result: one JSON object (see `run`).
+iteration; the official step ends with `float(loss)`, a device sync, so this is device time too). On CUDA the
+official CSV log's own `time (ms)` (CUDA events around its train_step) is reported beside it. Result: one JSON
+object (see `run`).
 """
 import argparse
 import json

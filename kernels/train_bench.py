@@ -118,7 +118,8 @@ class RadjepaStepper:
         self.predictor = radjepa.Predictor(c.width, c.pred_width, c.pred_depth, c.heads, grid).to(device)
         self.target = radjepa.build_encoder(c).to(device).requires_grad_(False)
         self.target.load_state_dict(self.encoder.state_dict())
-        self.opt = torch.optim.AdamW(radjepa.param_groups(self.encoder, self.predictor), lr=1e-4, betas=(0.9, 0.999))
+        self.opt = torch.optim.AdamW(radjepa.param_groups(self.encoder, self.predictor), lr=1e-4, betas=(0.9, 0.999),
+                                     fused=True)  # as radjepa.train
         for g in self.opt.param_groups:
             g["weight_decay"] = 0.04 * g["wd_scale"]
         if path.endswith("+compile"):
@@ -418,10 +419,61 @@ def interleave(jobs, args, device, log):
         row.update(ctx_tokens_drawn=statistics.mean(st.ctx_drawn), ms_per_step_all=times[j][:n], steps=n,
                    warmup=args.warmup, peak_mem_gb=None)
         results[j] = row
+    if args.profile:
+        for j, st in steppers.items():
+            results[j]["profile"] = profile_steps(st, args.profile)
+            log(f"  profile {jobs[j][0]} {jobs[j][1]}: " + ", ".join(
+                f"{k} {v:.0%}" for k, v in results[j]["profile"]["share"].items()))
+    for st in steppers.values():
         st.close()
     for j in sorted(results):
         log("  " + row_line(results[j]))
     return [results[j] for j in range(len(jobs))]
+
+
+# what a CPU step's self time is spent on, by op name (torch.profiler); first match wins
+PROFILE_GROUPS = [("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+                  ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
+                  ("gather/scatter (pad, unpad, pack, repeat)", ("aten::index", "index_put", "aten::cat",
+                                                                 "masked_", "aten::gather", "scatter")),
+                  ("fill/copy", ("aten::fill_", "aten::copy_", "aten::zero_", "aten::zeros")),
+                  ("optimizer + EMA", ("adam", "lerp", "addcdiv", "addcmul", "aten::sqrt", "_foreach")),
+                  ("layer norm", ("layer_norm",)), ("gelu", ("gelu",)), ("patch embed (conv)", ("convolution",))]
+
+
+def profile_steps(st, n):
+    """torch.profiler over n steps of one radjepa row -> self-CPU share per group, top ops, and the loader's cost
+    per image (PNG decode + random resized crop, masks + pack) measured on 256-px PNGs written to a temp folder."""
+    import numpy as np
+    from PIL import Image
+    from torch.profiler import ProfilerActivity, profile
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            st.step()
+    wall = (time.perf_counter() - t0) / n
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1.0
+    share = {}
+    for name, t in ops:
+        g = next((g for g, keys in PROFILE_GROUPS if any(k in name.lower() or k in name for k in keys)), "other")
+        share[g] = share.get(g, 0.0) + t / total
+    top = sorted(ops, key=lambda x: -x[1])[:12]
+    c, B = st.c, st.c.batch_size
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for i in range(B):
+            paths.append(os.path.join(d, f"{i}.png"))
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (256, 256), dtype=np.uint8)).save(paths[-1])
+        ds, col = st.rj.CXRDataset(paths, c), st.rj.Collate(c)
+        t1 = time.perf_counter()
+        items = [ds[(i, i)] for i in range(B)]
+        t2 = time.perf_counter()
+        col(items)
+        t3 = time.perf_counter()
+    return dict(steps=n, step_ms_profiled=wall * 1e3, share=dict(sorted(share.items(), key=lambda x: -x[1])),
+                top_ops=[(k, t / total) for k, t in top], loader_decode_crop_ms_per_img=(t2 - t1) * 1e3 / B,
+                loader_masks_pack_ms_per_img=(t3 - t2) * 1e3 / B)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,8 +513,18 @@ def to_markdown(res):
                      f"{r['ctx_tokens']:.1f}{drawn} | {r['tgt_tokens_per_block']:.1f} | "
                      f"{r['useful_gflop_per_img']:.1f} | {r['useful_tflops']:.2f} | {mfu} | {mem} | {rel[0]} | "
                      f"{rel[1]} |")
-    lines += ["", "Notes: `truncate` and `official` encode fewer context tokens (the batch minimum); their TFLOP/s count "
-              "only the tokens they process. `vs official` = img/s ratio at the same config. radjepa rows: every "
+    for r in res["rows"]:
+        if r.get("profile"):
+            pr = r["profile"]
+            lines += ["", f"Profile of {r['config']} {r['path']} ({pr['steps']} steps, {pr['step_ms_profiled']:.0f} "
+                      f"ms/step under the profiler; loader per image: decode + crop "
+                      f"{pr['loader_decode_crop_ms_per_img']:.1f} ms, masks + pack "
+                      f"{pr['loader_masks_pack_ms_per_img']:.1f} ms):", "",
+                      "| where (self CPU time) | share |", "|---|---:|"]
+            lines += [f"| {k} | {100 * v:.1f}% |" for k, v in pr["share"].items()]
+            lines += ["", "top ops: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in pr["top_ops"])]
+    lines += ["", "Notes: `truncate` and `official` encode fewer context tokens (the batch minimum); their TFLOP/s "
+              "count only the tokens they process. `vs official` = img/s ratio at the same config. radjepa rows: every "
               "context token drawn is encoded. Warm-up (incl. compilation) per row is in the JSON (`warmup_s`)."]
     return "\n".join(lines) + "\n"
 
@@ -495,6 +557,9 @@ def parse_args(argv):
                    help="seconds per row (default: 90 plain, 240 compile, 120 official)")
     p.add_argument("--interleave", type=int, default=0, metavar="R",
                    help="CPU side by side: all rows in one process taking turns step by step, R x --steps steps each")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="with --interleave: also profile K steps of each radjepa row (torch.profiler, CPU) and time "
+                        "the loader")
     p.add_argument("--official-repo", default=None, help="official I-JEPA checkout (default third_party/ijepa)")
     p.add_argument("--worker", nargs=2, metavar=("ROWS", "RESULTS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
