@@ -159,9 +159,11 @@ class Seqs:
         self.cu = to_device(cu.to(torch.int32), device)
         self.uniform = min(self.lengths) == self.max_len  # all equal (the target encoder): a plain reshape will do
         if not self.uniform and OPS["attention"] is attention_torch:  # the Triton path reads cu only
-            j = torch.arange(self.max_len)
-            self.valid = to_device(j[None, :] < torch.tensor(self.lengths)[:, None], device)  # [S, Lmax] real slots
-            self.pad_idx = to_device((cu[:-1, None] + j[None, :]).clamp(max=cu[-1] - 1), device)  # [S, Lmax] rows
+            j, lens, T = torch.arange(self.max_len), torch.tensor(self.lengths), sum(self.lengths)
+            self.valid = to_device(j[None, :] < lens[:, None], device)  # [S, Lmax] which padded slots hold a token
+            self.pad_idx = to_device((cu[:-1, None] + j[None, :]).clamp(max=T - 1), device)  # [S, Lmax] packed rows
+            seq = torch.repeat_interleave(torch.arange(self.n), lens, output_size=T)  # [T] each token's sequence
+            self.unpad = to_device(seq, device), to_device(torch.arange(T) - cu[seq], device)  # ... and slot in it
 
 
 def to_device(t, device):
@@ -178,7 +180,7 @@ def attention_torch(q, k, v, seqs):
     q, k, v = (t[seqs.pad_idx].transpose(1, 2) for t in (q, k, v))  # [S, Lmax, H, Dh] -> [S, H, Lmax, Dh]
     key_mask = seqs.valid[:, None, None, :]  # [S, 1, 1, Lmax]: padded keys get no attention weight
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # padded *query* rows are computed, then dropped
-    return o.transpose(1, 2)[seqs.valid]  # [S, Lmax, H, Dh][valid] -> [T, H, Dh] in packed order
+    return o.transpose(1, 2)[seqs.unpad]  # [S, Lmax, H, Dh] at (seq, slot) -> [T, H, Dh]; no bool mask (a sync)
 
 
 def gather_torch(x, idx, pos):

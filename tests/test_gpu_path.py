@@ -43,15 +43,19 @@ def test_residual_stream_stays_fp32_under_bf16_autocast():
 
 
 class ScalarReads(TorchDispatchMode):
-    """Counts host reads of tensor values (.item(), float(t), bool(t), torch.equal): each one is a device sync on
-    CUDA. Reads inside torch.optim (AdamW's CPU step counter) and the DataLoader are not device reads."""
+    """Counts host reads of tensor values (.item(), float(t), bool(t), torch.equal) and ops whose output size depends
+    on values (nonzero, masked_select, indexing with a bool mask): each one is a device sync on CUDA. Reads inside
+    torch.optim (AdamW's CPU step counter) and the DataLoader are not device reads."""
 
     def __init__(self):
         super().__init__()
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (aten._local_scalar_dense.default, aten.equal.default):
+        bool_index = func is aten.index.Tensor and any(
+            getattr(i, "dtype", None) == torch.bool for i in (args[1] if len(args) > 1 else []))
+        if bool_index or func in (aten._local_scalar_dense.default, aten.equal.default, aten.nonzero.default,
+                                  aten.masked_select.default):
             frames = [f.filename.replace("\\", "/") for f in traceback.extract_stack()]
             if not any("torch/optim" in f or "torch/utils/data" in f for f in frames):
                 self.n += 1
