@@ -18,6 +18,8 @@ Prepared layout (OUT/):
     info.csv                   image,sex,age,view              (only where the source has them)
     meta.json                  source, size, labels, structures, counts and prevalence per split, uncertain
                                policy, every skipped file with its reason.
+    params.json                source, SRC, size, seed, modality: written before the first image; a later run into
+                               OUT with other values is refused (--overwrite starts over), so runs never mix.
 
 Why pad-to-square instead of a centre crop: a crop of a portrait radiograph cuts the costophrenic angles and the
 lateral chest wall, exactly where effusions and pneumothoraces show. Padding keeps all anatomy and keeps the
@@ -39,8 +41,10 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
+import unicodedata
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -97,8 +101,9 @@ class MissingCodec(PrepError):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading images: everything becomes float32 [H, W] in [0, 1], 0 = black (air), 1 = white (bone).
 
-def read_image(path):
-    """Read PNG/JPEG/TIFF/BMP (8- or 16-bit, gray/RGB/RGBA/palette) or DICOM. Raises BadFile."""
+def read_image(path, modalities=None):
+    """Read PNG/JPEG/TIFF/BMP (8- or 16-bit, gray/RGB/RGBA/palette) or DICOM. Raises BadFile.
+    modalities: DICOM Modality values to accept (e.g. CR, DX); None accepts any."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -109,7 +114,7 @@ def read_image(path):
     with open(path, "rb") as f:
         head = f.read(132)
     if path.suffix.lower() in (".dcm", ".dicom") or head[128:132] == b"DICM":
-        return read_dicom(path)
+        return read_dicom(path, modalities)
     try:
         with Image.open(path) as im:
             im.load()
@@ -137,8 +142,9 @@ def pil_to_float(im):
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def read_dicom(path):
-    """DICOM -> float [0, 1]: decode, modality LUT, VOI LUT or window, BitsStored scaling, MONOCHROME1 inversion."""
+def read_dicom(path, modalities=None):
+    """DICOM -> float [0, 1]: decode, modality LUT, VOI LUT or window, BitsStored scaling, MONOCHROME1 inversion.
+    A Modality outside `modalities` (a CT or MR slice is not a chest radiograph) is a BadFile, before decoding."""
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -150,6 +156,10 @@ def read_dicom(path):
         raise BadFile(f"not a readable DICOM: {e}") from None
     if "PixelData" not in ds:
         raise BadFile("DICOM without pixel data")
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modalities and modality and modality not in modalities:
+        raise BadFile(f"DICOM modality {modality} is not a radiograph ({'/'.join(modalities)}); "
+                      f"add --modality {modality} to convert it anyway")
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     try:
         arr = ds.pixel_array
@@ -289,28 +299,33 @@ def train_or_val(patient):
 
 
 def safe_id(text):
-    """Anything -> a file-name-safe image id."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "img"
-
-
-def open_text(path):
-    return gzip.open(path, "rt", newline="") if str(path).endswith(".gz") else open(path, newline="")
+    """Anything -> a file-name-safe image id. Letters of any script are kept (NFC-normalised: macOS and Linux spell
+    'ü' differently); anything else becomes '_', and then a stable hash of the original text is appended, so that
+    'p 1/a' and 'p_1/a' never get the same id. The id is a function of the text alone, so resumed runs agree."""
+    text = unicodedata.normalize("NFC", text)
+    out = re.sub(r"[^\w.-]+", "_", text).strip("._") or "img"
+    return out if out == text else f"{out}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def read_csv(path, required=()):
-    """CSV -> list of dicts keyed by the stripped header names. A missing column is an error naming it and the
-    file. (csv splits `OriginalImage[Width,Height]` into two columns; we never use them, so that is harmless.)"""
+    """CSV (or .csv.gz) -> list of dicts keyed by the stripped header names. A missing column is an error naming it
+    and the file; so is a byte that is not UTF-8 (naming the line). (csv splits `OriginalImage[Width,Height]` into
+    two columns; we never use them, so that is harmless.)"""
     path = Path(path)
-    with open_text(path) as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise PrepError(f"{path}: empty CSV file") from None
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise PrepError(f"{path}: missing column {missing[0]!r} (header: {','.join(header)})")
-        return [dict(zip(header, (v.strip() for v in row))) for row in reader if any(row)]
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    try:
+        reader = csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PrepError(f"{path} line {line}: not UTF-8 text") from None
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise PrepError(f"{path}: empty CSV file") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise PrepError(f"{path}: missing column {missing[0]!r} (header: {','.join(header)})")
+    return [dict(zip(header, (v.strip() for v in row))) for row in reader if any(row)]
 
 
 def find_file(root, *names):
@@ -322,10 +337,12 @@ def find_file(root, *names):
     return None
 
 
-def index_files(root, exts):
-    """basename-without-extension -> path, for every file under root with one of `exts` (nested layouts)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
+def index_files(root, exts, skip=None):
+    """basename-without-extension -> path, for every file under root with one of `exts` (nested layouts). The folder
+    `skip` (our own OUT, when it lies inside the dataset) is never indexed: its PNGs carry the originals' names."""
+    out, skip = {}, skip and Path(skip).resolve()
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if Path(dirpath, d).resolve() != skip]
         for f in files:
             if os.path.splitext(f)[1].lower() in exts:
                 out.setdefault(os.path.splitext(f)[0], os.path.join(dirpath, f))
@@ -350,7 +367,7 @@ def convert_one(job):
                 write_png_atomic(np.where(m, 255, 0).astype(np.uint8), Path(out, "masks", name, task["id"] + ".png"))
             write_png_atomic(img, Path(out, "images", task["id"] + ".png"))
             return task["id"], "ok", reasons
-        img = read_jsrt(task["src"]) if task["reader"] == "jsrt" else read_image(task["src"])
+        img = read_jsrt(task["src"]) if task["reader"] == "jsrt" else read_image(task["src"], task.get("modalities"))
         for name, spec in task.get("masks", {}).items():
             try:
                 if "rle" in spec:
@@ -375,12 +392,53 @@ def convert_one(job):
         return task["id"], "skip", [f"{type(e).__name__}: {e}"]
 
 
+IMAGE_PARAMS = ("source", "src", "size", "seed", "modality")  # what decides the pixels of an image with a given id
+
+
+def claim_folder(out, params, overwrite=False):
+    """A folder is resumed only by a run with the image-defining parameters recorded in OUT/params.json when it was
+    started (before its first image), so old images never sit beside the labels of a new run. --n, label policies
+    and the like may change: run_conversion then removes the images the new run does not list. --overwrite deletes
+    what an earlier run wrote (images/, masks/, the CSVs, meta.json, params.json) and starts over."""
+    out = Path(out)
+    if overwrite:
+        for d in ("images", "masks"):
+            shutil.rmtree(out / d, ignore_errors=True)
+        for f in ("labels.csv", "info.csv", "meta.json", "params.json"):
+            (out / f).unlink(missing_ok=True)
+    old = params
+    if not any(out.glob("images/*.png")):
+        pass  # nothing to mix with
+    elif (out / "params.json").exists():
+        old = json.loads((out / "params.json").read_text())
+    elif (out / "meta.json").exists():  # written by an older data_prep.py: compare what it recorded
+        m = json.loads((out / "meta.json").read_text())
+        old = {**params, **{k: m[k] for k in ("source", "size", "seed") if k in m and k in params}}
+    else:
+        raise PrepError(f"{out}/images holds images of a run that recorded no parameters; rerun with --overwrite "
+                        f"to start over, or use another folder")
+    diff = [f"{k} {old.get(k)} -> {v}" for k, v in params.items() if old.get(k) != v]
+    if diff:
+        raise PrepError(f"{out} was prepared with other parameters ({', '.join(diff)}): its images would not match; "
+                        f"rerun with --overwrite to start over, or use another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(params, indent=1), out / "params.json")
+
+
 def run_conversion(tasks, out, size, workers, source, labels, structures, skipped=(), extra_meta=None):
-    """Convert every task not already done, then write labels.csv, info.csv and meta.json atomically."""
+    """Convert every task not already done, then write labels.csv, info.csv and meta.json atomically. Images (and
+    masks) in OUT that no task lists, left by an earlier run with another --n or source content, are removed."""
     out = Path(out)
     ids = [t["id"] for t in tasks]
     if len(set(ids)) != len(ids):
         raise PrepError(f"{source}: duplicate image ids in the index (e.g. {next(i for i in ids if ids.count(i) > 1)})")
+    keep = set(ids)
+    stale = [p for p in out.glob("images/*.png") if p.stem not in keep]
+    stale += [p for p in out.glob("masks/*/*.png") if p.stem not in keep]
+    for p in stale:
+        p.unlink()
+    if stale:
+        print(f"removed {len(stale)} image/mask files of an earlier run that this run does not list")
     for d in [out / "images"] + [out / "masks" / s for s in structures]:
         d.mkdir(parents=True, exist_ok=True)
         for stale in d.glob(".*.tmp*"):  # leftovers of a killed run (never a complete file)
@@ -452,11 +510,14 @@ def write_outputs(out, tasks, source, size, labels, structures, skipped, extra_m
 # ----------------------------------------------------------------------------------------------------------------
 # Sources. Each returns (tasks, label_names, structures, skipped, extra_meta).
 
-def uncertain_value(v, label, policy):
+def uncertain_value(v, label, policy, where=""):
     """CheXpert/MIMIC cell -> '1'|'0'|''. 1.0 positive, 0.0 negative, blank (= not mentioned) negative,
-    -1.0 uncertain -> by policy: ignore (unknown ''), zeros, ones, mixed (ones for Atelectasis/Edema, else zeros)."""
+    -1.0 uncertain -> by policy: ignore (unknown ''), zeros, ones, mixed (ones for Atelectasis/Edema, else zeros).
+    Any other cell is a PrepError naming the row (`where`) and the label: never a guess."""
     if v == "":
         return "0"
+    if v.strip() not in ("1", "1.0", "0", "0.0", "-1", "-1.0"):
+        raise PrepError(f"{where}: label {label!r} is {v!r}, not 1, 0, -1 or blank")
     x = float(v)
     if x == 1:
         return "1"
@@ -475,7 +536,7 @@ def src_nih(src, args):
         p = find_file(src, name)
         if p:
             lists.update({line.strip(): split for line in open(p) if line.strip()})
-    pngs = index_files(src, {".png"})  # images_001/images/*.png, images/*.png, ... all by basename
+    pngs = index_files(src, {".png"}, args.out)  # images_001/images/*.png, images/*.png, ... all by basename
     tasks, skipped = [], []
     for r in rows:
         name = r["Image Index"]
@@ -522,7 +583,7 @@ def src_chexpert(src, args):
             if args.frontal_only and r["Frontal/Lateral"] != "Frontal":
                 continue
             patient = m.group(0)
-            labels = {l: uncertain_value(r[l], l, args.uncertain) for l in CHEXPERT_LABELS}
+            labels = {l: uncertain_value(r[l], l, args.uncertain, f"{path}, {r['Path']}") for l in CHEXPERT_LABELS}
             tasks.append({"id": safe_id("_".join(rel.with_suffix("").parts[1:])), "src": str(src / rel),
                           "reader": "auto", "patient": patient,
                           "split": "test" if split_kind == "test" else train_or_val(patient), "labels": labels,
@@ -553,7 +614,8 @@ def src_mimic(src, args):
             continue
         path = src / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{study}" / f"{did}.jpg"
         lab = study_labels.get((sid, study))
-        labels = {l: uncertain_value(lab[l], l, args.uncertain) if lab else "" for l in label_names}
+        labels = {l: uncertain_value(lab[l], l, args.uncertain, f"{lab_f}, study {study}") if lab else ""
+                  for l in label_names}
         split = {"validate": "val"}.get(r["split"], r["split"])
         if split not in ("train", "val", "test"):
             skipped.append({"file": str(path), "reason": f"unknown split {r['split']!r}"})
@@ -566,7 +628,7 @@ def src_mimic(src, args):
 def src_vindr(src, args):
     """VinDr-CXR, PhysioNet layout (annotations/image_labels_{train,test}.csv) or Kaggle layout (train.csv)."""
     src = Path(src)
-    dicoms = index_files(src, {".dicom", ".dcm"})
+    dicoms = index_files(src, {".dicom", ".dcm"}, args.out)
     votes = {}  # image_id -> (split, {label: [positive reads]}, n_readers)
     phys = find_file(src, "annotations/image_labels_train.csv")
     if phys:
@@ -584,7 +646,10 @@ def src_vindr(src, args):
                 s, d, n = votes.setdefault(r["image_id"], (split_kind, {l: 0 for l in label_names}, [0]))
                 n[0] += 1
                 for l in label_names:
-                    d[l] += r.get(l, "0") not in ("0", "0.0", "")
+                    v = r.get(l, "0")
+                    if v not in ("0", "0.0", "", "1", "1.0"):  # never count an unknown value as a vote
+                        raise PrepError(f"{p}, image {r['image_id']}: label {l!r} is {v!r}, not 1, 0 or blank")
+                    d[l] += v in ("1", "1.0")
     else:
         p = find_file(src, "train.csv")
         if p is None:
@@ -616,7 +681,8 @@ def src_rsna(src, args):
     target = {}
     for r in read_csv(p, ["patientId", "Target"]):  # one row per box; negatives have no box and Target 0
         target[r["patientId"]] = max(target.get(r["patientId"], 0), int(float(r["Target"] or 0)))
-    dicoms = index_files(src / "stage_2_train_images" if (src / "stage_2_train_images").exists() else src, {".dcm"})
+    dicoms = index_files(src / "stage_2_train_images" if (src / "stage_2_train_images").exists() else src, {".dcm"},
+                         args.out)
     tasks, skipped = [], []
     for pid, t in target.items():
         if pid not in dicoms:
@@ -638,7 +704,7 @@ def src_siim(src, args):
         if r["EncodedPixels"] not in ("-1", ""):  # -1 = no pneumothorax; several rows = several components
             rles[r["ImageId"]].append(r["EncodedPixels"])
     mode = "relative" if p.name == "train-rle.csv" else "auto"
-    dicoms = index_files(src, {".dcm"})  # dicom-images-train/<study>/<series>/<sop>.dcm
+    dicoms = index_files(src, {".dcm"}, args.out)  # dicom-images-train/<study>/<series>/<sop>.dcm
     tasks, skipped = [], []
     for img, rl in rles.items():
         if img not in dicoms:
@@ -706,9 +772,13 @@ def src_jsrt(src, args):
 
 def src_folder(src, args):
     """Any tree of images. Patient = the top-level sub-folder (exports are usually one folder per patient), or the
-    file name for files directly in SRC. Files with no extension are tried as DICOM; other extensions are skipped."""
+    file name for files directly in SRC. Files with no extension are tried as DICOM; other extensions are skipped.
+    DICOMs whose Modality is not in --modality (default: the radiograph ones) are skipped with the reason. Ids keep
+    the path's letters in any script; two links to one file are converted once."""
     src, out = Path(src).resolve(), Path(args.out).resolve()
-    tasks, skipped, seen = [], [], set()
+    mods = getattr(args, "modality", None)
+    mods = None if not mods or "all" in [m.lower() for m in mods] else [m.upper() for m in mods]
+    tasks, skipped, seen, real = [], [], set(), {}
     for dirpath, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(dirpath, d).resolve() != out)
         for f in sorted(files):
@@ -720,12 +790,17 @@ def src_folder(src, args):
             if ext not in IMAGE_EXTS and ext != "":
                 skipped.append({"file": str(rel), "reason": f"not an image file (extension {ext})"})
                 continue
+            if real.setdefault(p.resolve(), rel) != rel:
+                skipped.append({"file": str(rel), "reason": f"the same file as {real[p.resolve()]} (a link)"})
+                continue
             patient = rel.parts[0] if len(rel.parts) > 1 else rel.stem
             tid = safe_id("__".join(rel.with_suffix("").parts))
-            if tid in seen:  # a.png next to a.dcm: keep the extension in the id
+            if tid.lower() in seen:  # a.png next to a.dcm: keep the extension in the id
                 tid = safe_id("__".join(rel.parts))
-            seen.add(tid)
-            tasks.append({"id": tid, "src": str(p), "reader": "auto",
+            if tid.lower() in seen:  # (case-insensitive file systems): never abort, add a stable hash
+                tid = f"{tid}_{hashlib.sha1(str(rel).encode()).hexdigest()[:8]}"
+            seen.add(tid.lower())
+            tasks.append({"id": tid, "src": str(p), "reader": "auto", "modalities": mods,
                           "patient": patient, "split": None, "labels": {}})
     if not tasks:
         raise PrepError(f"{src}: no image files found")
@@ -1071,6 +1146,13 @@ def main(argv=None):
         sp.add_argument("out", help="prepared output folder (re-running into it resumes)")
         sp.add_argument("--size", type=int, default=256, help="output side S (pad to square, resize)")
         sp.add_argument("--workers", type=int, default=workers)
+        sp.add_argument("--overwrite", action="store_true",
+                        help="delete what an earlier run wrote into OUT and start over (without it, a run with "
+                             "another source, SRC, --size or --modality than OUT was made with is refused)")
+        if name == "folder":
+            sp.add_argument("--modality", nargs="+", default=["CR", "DX", "DR", "RG"], metavar="M",
+                            help="DICOM Modality values to convert (others, e.g. CT or MR slices, are skipped and "
+                                 "listed in meta.json); 'all' converts every DICOM")
         if name in ("chexpert", "mimic"):
             sp.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
                             help="-1 labels: ignore (= unknown, blank), zeros, ones, mixed (ones for Atelectasis "
@@ -1088,6 +1170,9 @@ def main(argv=None):
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--workers", type=int, default=workers)
+    sp.add_argument("--overwrite", action="store_true",
+                    help="delete what an earlier run wrote into OUT and start over (without it, a run with another "
+                         "--seed or --size than OUT was made with is refused; another --n extends or trims it)")
     sp = sub.add_parser("bench", help="conversion and loader throughput")
     sp.add_argument("dir", help="scratch folder")
     sp.add_argument("--n", type=int, default=64)
@@ -1100,12 +1185,23 @@ def main(argv=None):
             return bench(args)
         if args.size < 8 or args.workers < 1:
             raise PrepError("--size must be >= 8 and --workers >= 1")
+        if args.source == "synthetic" and args.n < 1:
+            raise PrepError(f"--n must be >= 1 (got {args.n})")
+        if args.source != "synthetic" and not Path(args.src).is_dir():
+            raise PrepError(f"{args.src}: not a folder")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise PrepError(f"{args.out}: is a file, not a folder")
+        if args.source != "synthetic" and Path(args.out).resolve() in (Path(args.src).resolve(),
+                                                                        *Path(args.src).resolve().parents):
+            raise PrepError(f"{args.out} holds SRC {args.src}: a rerun would read its own output as source images")
+        given = {**vars(args), "src": str(Path(args.src).resolve()) if args.source != "synthetic" else None}
+        params = {k: given[k] for k in IMAGE_PARAMS if k in given}
+        claim_folder(args.out, params, args.overwrite)
         if args.source == "synthetic":
             tasks, labels, structures, skipped, extra = src_synthetic(args)
         else:
-            if not Path(args.src).is_dir():
-                raise PrepError(f"{args.src}: not a folder")
             tasks, labels, structures, skipped, extra = SOURCES[args.source](args.src, args)
+        extra = {**extra, "params": params}
         return run_conversion(tasks, args.out, args.size, args.workers, args.source, labels, structures,
                               skipped, extra)
     except PrepError as e:

@@ -40,9 +40,11 @@ Protocol definitions (exact, so the numbers can be checked):
     the point difference > 0 ("worse" when p < 0.05 and it is < 0).
 """
 import argparse
+import collections
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -173,36 +175,72 @@ def paired_p_value(samples_a, samples_b):
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. The prepared dataset
 
+LABEL_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "": np.nan}   # the only label cells accepted; blank = unknown
+
+
+def read_text(path):
+    """A text file as str (UTF-8, a byte-order mark allowed); other bytes are an EvalError naming the file and line."""
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise EvalError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+
+
 def read_prepared(root, task):
     """Reads labels.csv (+ masks/) of a prepared folder. Returns a dict of numpy arrays; raises EvalError if the
-    folder lacks what `task` needs. Labels: float [N, L] with nan for unknown (blank cell)."""
+    folder lacks what `task` needs. Labels: float [N, L] with nan for unknown (blank cell).
+    Refused, each naming the file, line (and column): a label cell other than 1 / 0 / blank (CheXpert's -1 or a 0.5
+    would silently wreck a probe: map them with data_prep.py --uncertain), an image path that leaves the folder, an
+    image listed twice (it would count twice in test), a row whose split is not train/val/test."""
     csv_path = os.path.join(root, "labels.csv")
     if not os.path.isfile(csv_path):
         raise EvalError(f"{root} is not a prepared dataset: labels.csv is missing (make one with data_prep.py)")
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        rows = list(reader)
+    reader = csv.reader(io.StringIO(read_text(csv_path), newline=""))
+    header = next(reader, None)
+    rows = [(reader.line_num, r) for r in reader if r]
     if header is None or header[:3] != ["image", "patient", "split"]:
         raise EvalError(f"{csv_path}: header must start with image,patient,split (got {header})")
     label_names = header[3:]
-    ids, paths, patients, splits, labels = [], [], [], [], []
-    for r in rows:
+    ids, paths, patients, splits, labels, seen = [], [], [], [], [], {}
+    for line, r in rows:
+        where = f"{csv_path} line {line}"
         if len(r) != len(header):
-            raise EvalError(f"{csv_path}: a row has {len(r)} cells, the header has {len(header)}: {r[:3]}")
+            raise EvalError(f"{where}: the row has {len(r)} cells, the header has {len(header)}: {r[:3]}")
         if r[2] not in SPLITS:
-            raise EvalError(f"{csv_path}: split must be one of {SPLITS}, got {r[2]!r} for {r[0]}")
-        paths.append(os.path.join(root, r[0]))
-        ids.append(os.path.splitext(os.path.basename(r[0]))[0])
+            raise EvalError(f"{where}: split must be one of {', '.join(SPLITS)}, got {r[2]!r} for {r[0]}")
+        img = os.path.normpath(r[0])
+        if os.path.isabs(img) or img.split(os.sep)[0] in ("..", "."):
+            raise EvalError(f"{where}: image path {r[0]!r} is empty or leaves the prepared folder")
+        if img in seen:
+            raise EvalError(f"{where}: image {r[0]!r} repeats line {seen[img]} (it would count twice)")
+        seen[img] = line
+        bad = [(name, c) for name, c in zip(label_names, r[3:]) if c.strip() not in LABEL_VALUES]
+        if bad:
+            raise EvalError(f"{where}, column {bad[0][0]!r}: label {bad[0][1]!r} is not 1, 0 or blank (unknown); "
+                            f"map uncertain labels first (data_prep.py --uncertain)")
+        paths.append(os.path.join(root, img))
+        ids.append(os.path.splitext(os.path.basename(img))[0])
         patients.append(r[1]); splits.append(r[2])
-        labels.append([float(c) if c.strip() != "" else np.nan for c in r[3:]])
-    for s in ("val", "test"):
+        labels.append([LABEL_VALUES[c.strip()] for c in r[3:]])
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, k in collections.Counter(ids).items() if k > 1)
+        raise EvalError(f"{csv_path}: two images share the id {dup!r} (masks/<structure>/<id>.png would be ambiguous)")
+    for s in SPLITS:
         if s not in splits:
-            raise EvalError(f"{csv_path}: no image in the {s} split (probes pick hyper-parameters on val, report test)")
+            raise EvalError(f"{csv_path}: no image in the {s} split (probes train on train, pick hyper-parameters on "
+                            f"val, report test)")
+    split_of = {}                                  # a patient in two splits leaks test images into training
+    for (line, r), sp in zip(rows, splits):
+        first = split_of.setdefault(r[1], (sp, line))
+        if first[0] != sp:
+            raise EvalError(f"{csv_path} line {line}: patient {r[1]!r} is in {sp} here and in {first[0]} on line "
+                            f"{first[1]}; splits must be by patient")
     mask_root = os.path.join(root, "masks")
     structures = sorted(d for d in os.listdir(mask_root) if os.path.isdir(os.path.join(mask_root, d))) \
         if os.path.isdir(mask_root) else []
-    lab = np.array(labels, dtype=np.float64).reshape(len(rows), len(label_names))
+    lab = np.array(labels, dtype=np.float64).reshape(len(ids), len(label_names))
     has_cls = len(label_names) > 0 and np.isfinite(lab[np.array(splits) == "train"]).any()
     if task == "cls" and not has_cls:
         raise EvalError(f"{root}: --task cls needs label columns with known values in labels.csv "
@@ -241,7 +279,11 @@ def load_masks(data, size):
         if not os.path.isfile(path):
             return None
         # area-resize the 0/255 mask and threshold at half: a pixel is "in" if most of it was
-        return np.asarray(Image.open(path).convert("L").resize((size, size), Image.BOX)) >= 128
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L").resize((size, size), Image.BOX)) >= 128
+        except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+            raise EvalError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
     out = {}
     for st in data["structures"]:
         ms = parallel_map(read, [os.path.join(data["root"], "masks", st, i + ".png") for i in data["ids"]],
@@ -324,14 +366,19 @@ def feature_geometry(tokens, rows, effective_rank, n_tokens=20000, seed=0):
 
 
 def cached_features(cache_dir, key_fields, compute):
-    """Loads features from cache_dir if this exact (checkpoint, encoder, size, pooling, dataset) was extracted before,
-    else computes and saves them (atomically). Returns (tokens, pooled)."""
+    """Loads features from cache_dir if this exact (encoder content, size, pooling, image content) was extracted
+    before, else computes and saves them (atomically). Returns (tokens, pooled). Cache files are read as tensors only
+    (no pickled code runs); an unreadable one is recomputed."""
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"feat_{key_fields['encoder']}_{key_fields['img_size']}_{key}.pt")
     if os.path.isfile(path):
-        d = torch.load(path, map_location="cpu")
-        print(f"features: cached {os.path.basename(path)}")
-        return d["tokens"], d["pooled"]
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            if d["key"] == key_fields:
+                print(f"features: cached {os.path.basename(path)}")
+                return d["tokens"], d["pooled"]
+        except Exception as e:
+            print(f"features: ignoring unreadable cache file {path} ({type(e).__name__})")
     tokens, pooled = compute()
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp"
@@ -340,9 +387,20 @@ def cached_features(cache_dir, key_fields, compute):
     return tokens, pooled
 
 
-def file_fingerprint(path):
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def content_key(path):
+    """sha256 of what an encoder (or dataset) is made of: a file's bytes, or every file under a folder (relative name
+    and bytes, e.g. a Hugging Face model directory). Another checkpoint with the same size and mtime gets another
+    key; a copied or touched file keeps its key. A name that is not a path (a hub model id) is its own key."""
+    if not os.path.exists(path):
+        return str(path)
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns)
+    for f in files:
+        h.update(os.path.relpath(f, path).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -921,20 +979,55 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# Every numeric flag's smallest value, checked before any work starts (None = "default" where the flag allows it).
+AT_LEAST = {"grid": 1, "img_size": 1, "seg_img_size": 1, "mask_size": 1, "pixels_size": 1, "epochs": 1,
+            "seg_epochs": 1, "batch_size": 1, "n_boot": 1, "seed": 0, "random_seed": 0}
+
+
+def check_args(args):
+    """Flag ranges, the device and a writable --out, before anything loads. -> (device, out)."""
+    for k, lo in AT_LEAST.items():
+        v = getattr(args, k)
+        if v is not None and v < lo:
+            raise EvalError(f"--{k.replace('_', '-')} must be at least {lo} (got {v})")
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
+    except RuntimeError:
+        raise EvalError(f"--device {args.device!r}: must be auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {args.device!r}: must be auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {args.device}: CUDA is not available here")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    try:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(0, "it is a file, not a folder")
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".probe.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 16))
+        os.remove(probe)
+    except OSError as e:
+        raise EvalError(f"--out {out} is not writable: {e.strerror or e}") from None
+    return device, out
+
+
 def main(argv=None):
     try:
         return run(parse_args(argv))
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a file vanishing mid-run: the OS reason and the path, one line
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
 
 
 def run(args):
     import radjepa                                               # imported here so `eval.py --help` is instant
     t0 = time.time()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
-    os.makedirs(out, exist_ok=True)
+    device, out = check_args(args)
     log_lines = []
 
     def log(msg):
@@ -970,8 +1063,6 @@ def run(args):
         log("skip classification: labels.csv has no label with known values in train")
     if args.task == "all" and not do_seg:
         log("skip segmentation: the dataset has no masks/")
-    if args.grid < 1:
-        raise EvalError(f"--grid must be at least 1 (got {args.grid})")
     if not (do_cls or do_seg):
         raise EvalError(f"{args.data}: nothing to probe (no label with known values in train, no masks/)")
     images = load_images(data, radjepa)
@@ -981,14 +1072,15 @@ def run(args):
 
     # --- features, once per (encoder, resolution); raw pixels are recomputed (cheap) -----------------------------
     cache = os.path.join(out, "cache")
-    data_fp = file_fingerprint(os.path.join(args.data, "labels.csv"))
+    data_fp = hashlib.sha256(images.numpy().data).hexdigest()     # the pixels themselves, in order
+    ckpt_key = {p: content_key(p) for p in {args.ckpt, args.compare}}    # content, not path + mtime
     ckpt_of = {"jepa": args.ckpt, "random": args.ckpt, "other": args.compare}
     feats = {}                                                     # (encoder, size) -> {"tokens", "pooled"}
     sizes = sorted({*([cls_size] if do_cls else []), *([seg_size] if do_seg else [])})   # one extraction per size
     for name, enc in encoders.items():
         for size in sizes:
             last4 = args.pool == "last4" and size == cls_size
-            key = {"ckpt": file_fingerprint(ckpt_of[name]), "encoder": name, "random_seed": args.random_seed
+            key = {"ckpt": ckpt_key[ckpt_of[name]], "encoder": name, "random_seed": args.random_seed
                    if name == "random" else None, "img_size": size, "pool": "last4" if last4 else "mean",
                    "data": data_fp, "n": len(images)}
             tok, pooled = cached_features(cache, key, lambda: extract_tokens(

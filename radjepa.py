@@ -22,14 +22,17 @@ Run:   python radjepa.py --data cxr/                        (a folder of images,
 Import: from radjepa import load_encoder, sample_masks, ViT, Predictor   (importing starts nothing)
 """
 import argparse
+import io
 import itertools
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -103,6 +106,17 @@ PRESETS = {
 }
 # Fields whose change on --resume would not break the run (the others define the model, data or schedules).
 RUN_FIELDS = {"data", "out", "workers", "device", "kernels", "compile", "resume", "stop_at", "log_every", "ckpt_every"}
+ARCH_FIELDS = ("patch", "width", "depth", "heads", "pred_width", "pred_depth")  # the weights' shapes: fixed on --resume
+# Every flag's allowed range, checked by make_config before any work starts: (flags, allowed, test).
+RANGES = [("img_size patch width depth heads pred_width pred_depth n_targets min_ctx batch_size steps log_every "
+           "ckpt_every", "an integer >= 1", lambda v: v >= 1),
+          ("workers warmup stop_at seed", "an integer >= 0", lambda v: v >= 0),
+          ("lr start_lr final_lr wd final_wd clip", "a finite number >= 0", lambda v: 0 <= v < math.inf),
+          ("ema final_ema", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+          ("crop_scale tgt_scale ctx_scale", "LO HI with 0 < LO <= HI <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
+          ("tgt_aspect", "LO HI with 0 < LO <= HI (finite)", lambda v: 0 < v[0] <= v[1] < math.inf),
+          ("device", "auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu")),
+          ("kernels", "auto, torch or triton", lambda v: v in ("auto", "torch", "triton"))]
 
 
 def parse_args(argv=None):
@@ -123,19 +137,31 @@ def parse_args(argv=None):
 
 
 def make_config(given, base=None):
-    """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line."""
+    """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line.
+    Every value is checked here, before any work starts: a bad one is a one-line ValueError naming the flag."""
     cfg = dict(base) if base else asdict(Config())
+    if unknown := sorted(set(cfg) - {f.name for f in fields(Config)}):  # a checkpoint of a newer version
+        print(f"warning: ignoring unknown config key(s) {', '.join(unknown)}", file=sys.stderr)
     model = given.get("model", cfg["model"])
     if model not in PRESETS:
-        raise SystemExit(f"error: --model {model!r} is not one of {', '.join(PRESETS)}")
+        raise ValueError(f"--model {model!r} is not one of {', '.join(PRESETS)}")
     if base is None or "model" in given:
         cfg.update(PRESETS[model])
     cfg.update(given)
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in unknown})
+    for names, allowed, ok in RANGES:
+        for k, v in ((k, getattr(cfg, k)) for k in names.split() if not ok(getattr(cfg, k))):
+            raise ValueError(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}: "
+                             f"must be {allowed}")
+    if cfg.stop_at > cfg.steps:
+        raise ValueError(f"--stop-at {cfg.stop_at} is beyond --steps {cfg.steps}, where the schedules end")
     if cfg.img_size % cfg.patch:
-        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
+        raise ValueError(f"--img-size {cfg.img_size} is not a multiple of --patch {cfg.patch}")
     if cfg.width % cfg.heads or cfg.pred_width % cfg.heads or cfg.width % 4 or cfg.pred_width % 4:
-        raise SystemExit("error: --width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+        raise ValueError("--width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+    for s in range(8):  # an impossible masking configuration fails now, on the real grid, not in a worker mid-run
+        sample_masks(torch.Generator().manual_seed(s), (cfg.img_size // cfg.patch,) * 2, cfg.n_targets,
+                     cfg.tgt_scale, cfg.tgt_aspect, cfg.ctx_scale, cfg.min_ctx)
     return cfg
 
 
@@ -194,33 +220,43 @@ def jepa_loss_torch(z, h, idx):
     return F.smooth_l1_loss(z.float(), t)
 
 
-# The three ops that kernels/ accelerates. use_kernels() switches the whole model between the paths.
+# The three ops that kernels/ accelerates. use_kernels() switches the whole model between the paths. The torch ops
+# above are the one definition of the math: with check=..., a kernel op is used only after it reproduced the torch op
+# it replaces (fwd and bwd, same random tensors), so an edit here is never silently undone by a stale kernel.
 OPS = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
 
 
-def use_kernels(triton: bool):
+def use_kernels(triton: bool, check=None):
+    """check = dict(width=, head_dims=, device=): compare every kernel op with its torch op first (kernels/)."""
+    reference = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
+    OPS.update(reference)  # the check below runs the torch ops as the model would
     if triton:
+        import kernels
         from kernels.gather import gather_rows, ln_gather_smooth_l1
         from kernels.varlen_attention import varlen_attention
-        OPS.update(attention=lambda q, k, v, s: varlen_attention(q, k, v, s.cu, s.max_len), gather=gather_rows,
-                   loss=ln_gather_smooth_l1)
-    else:
-        OPS.update(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
+        fast = dict(attention=lambda q, k, v, s: varlen_attention(q, k, v, s.cu, s.max_len), gather=gather_rows,
+                    loss=ln_gather_smooth_l1)
+        bad = check and kernels.disagreement(fast, reference, Seqs, **check)
+        if bad:
+            raise SystemExit(f"error: {bad}")
+        OPS.update(fast)
 
 
-def resolve_kernels(choice, device):
+def resolve_kernels(choice, device, head_dims=()):
     """--kernels auto|torch|triton -> bool. Never a silent fallback when triton was asked for."""
+    if choice not in ("auto", "torch", "triton"):
+        raise SystemExit(f"error: --kernels must be auto, torch or triton, not {choice!r}")
     if choice == "torch":
         return False
     try:
         import kernels
-        ok, why = kernels.available()  # CUDA present, or TRITON_INTERPRET=1 (CPU, for tests)
+        ok, why = kernels.available(head_dims)  # CUDA present (or TRITON_INTERPRET=1) and these head dims supported
     except (ImportError, AttributeError) as e:
         ok, why = False, f"cannot import kernels/ ({e})"
     if choice == "triton" and not ok:
         raise SystemExit(f"error: --kernels triton cannot run here: {why}. Use --kernels torch (or auto).")
-    if choice not in ("auto", "triton"):
-        raise SystemExit(f"error: --kernels must be auto, torch or triton, not {choice!r}")
+    if device.type == "cuda" and not ok:
+        print(f"--kernels auto: using the PyTorch path ({why})")
     return ok and (choice == "triton" or device.type == "cuda")
 
 
@@ -468,19 +504,41 @@ def load_image(path):
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
-def list_images(root):
-    """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths."""
+def list_images(root, out=None):
+    """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths.
+    A labels.csv row that leaves the folder, repeats, or has no train/val/test split stops the run naming the row."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root!r} is not a folder")
-    csv_path = os.path.join(root, "labels.csv")
+    csv_path, paths, seen = os.path.join(root, "labels.csv"), [], set()
     if os.path.exists(csv_path):
         import csv
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        paths = [os.path.join(root, r["image"]) for r in rows if r.get("split", "train") == "train"]
-    else:
-        paths = [os.path.join(d, n) for d, _, names in os.walk(root, followlinks=True) for n in names
-                 if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
+        raw = open(csv_path, "rb").read()
+        try:
+            rows = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
+        except UnicodeDecodeError as e:  # (10 = the newline byte)
+            raise SystemExit(f"error: {csv_path} line {raw.count(10, 0, e.start) + 1}: not UTF-8 text") from None
+        for r in rows:
+            img = os.path.normpath(r.get("image") or ".")
+            why = ("image path is empty or leaves the folder" if os.path.isabs(img) or img.split(os.sep)[0] in ("..", ".")
+                   else "repeats an earlier row" if img in seen else None if r.get("split") in ("train", "val", "test")
+                   else "split must be train, val or test")
+            if why:
+                raise SystemExit(f"error: {csv_path} line {rows.line_num}: {why} ({r.get('image')!r}, split "
+                                 f"{r.get('split')!r})")
+            seen.add(img)
+            paths += [os.path.join(root, img)] * (r["split"] == "train")
+    else:  # links are followed, but each real folder and file only once: a loop or a link back up adds nothing
+        top, found = os.path.realpath(root), {}
+        if out and os.path.realpath(out) == top:
+            raise SystemExit(f"error: --out {out} is the --data folder: its pictures would become training images")
+        seen = {os.path.realpath(out)} if out else set()  # OUT inside the data: its pictures are not data
+        for d, dirs, names in os.walk(root, followlinks=True):
+            if (real := os.path.realpath(d)) in seen or top.startswith(real + os.sep):
+                dirs[:], names = [], []
+            seen.add(real)
+            for p in (os.path.join(d, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTS):
+                found.setdefault(os.path.realpath(p), p)  # the first path of a file wins
+        paths = list(found.values())
     if not paths:
         raise SystemExit(f"error: no training images found in {root!r} (extensions: {' '.join(sorted(IMAGE_EXTS))})")
     return sorted(paths)
@@ -607,14 +665,57 @@ def effective_rank(x):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one dict, one file, written atomically (temp file + rename): killing the process at any moment
-# leaves either the previous checkpoint or the new one, never half of one.
+# Checkpoints: one dict, one file, written atomically (temp file, fsync, rename): killing the process or the machine
+# at any moment leaves either the previous checkpoint or the new one, never half of one.
 
 
 def save_atomic(obj, path):
+    """A failed write (disk full, ...) removes its temp file, keeps the previous checkpoint and stops in one line."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f), f.flush(), os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        os.remove(tmp) if os.path.lexists(tmp) else None
+        raise SystemExit(f"error: cannot write {path}: {getattr(e, 'strerror', 0) or e}; the previous checkpoint "
+                         f"is kept") from None
+
+
+def claim_out(out):
+    """Rank 0, before any work: OUT must be a writable folder that no live run uses (a lock for this run's life; the
+    OS drops a dead process's lock, so a stale one is taken over). -> the open lock file, which holds our pid."""
+    import fcntl
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f".probe.{os.getpid()}"), "wb") as f:
+            f.write(bytes(1 << 16)), f.flush(), os.fsync(f.fileno())
+        os.remove(f.name)
+        lock = open(os.path.join(out, ".lock"), "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: --out {out} is in use by another run (pid {open(lock.name).read().strip() or '?'}); "
+                         f"wait for it to finish or use another --out") from None
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} is not a writable folder ({e.strerror or e})") from None
+    lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
+    for f in (f for f in os.listdir(out) if f.startswith("ckpt.pt.tmp.")):  # no live run owns these: we hold the lock
+        os.remove(os.path.join(out, f))
+    return lock
+
+
+@contextmanager
+def whole_step():
+    """Ctrl-C is held until optimizer step, EMA and step counter have all changed: resume never repeats or skips one."""
+    hit, hold = [], (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                     and threading.current_thread() is threading.main_thread())  # else Ctrl-C is not ours to hold
+    signal.signal(signal.SIGINT, lambda *a: hit.append(a)) if hold else None
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler) if hold else None
+    if hit:
+        raise KeyboardInterrupt
 
 
 def rng_state():
@@ -648,6 +749,20 @@ def read_checkpoint(path):
     return ck
 
 
+def load_weights(ck, path, **modules):
+    """Checkpoint state dicts -> modules; NaN/Inf weights or shapes that disagree with its config: one-line ValueError."""
+    for key, m in modules.items():
+        bad = [n for n, t in ck.get(key, {}).items() if torch.is_tensor(t) and not torch.isfinite(t).all()]
+        if key not in ck or bad:
+            raise ValueError(f"{path} is not a good checkpoint: {key} " + (f"has NaN/Inf weights ({bad[0]})" if bad
+                                                                          else "is missing"))
+        try:
+            m.load_state_dict(ck[key])
+        except (RuntimeError, ValueError) as e:  # the last line of PyTorch's message names the first mismatch
+            raise ValueError(f"{path}: its {key} does not fit the architecture of its config: "
+                             f"{str(e).strip().splitlines()[-1].strip()[:200]}") from None
+
+
 def build_encoder(c):
     return ViT(c.patch, c.width, c.depth, c.heads, ref_grid=(c.img_size // c.patch,) * 2)
 
@@ -662,7 +777,7 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
         torch.manual_seed(seed)
         enc = build_encoder(c)
     if not random_init:
-        enc.load_state_dict(ck["target_encoder"])
+        load_weights(ck, path, target_encoder=enc)
     enc.config = asdict(c)
     return enc.to(device).eval().requires_grad_(False)
 
@@ -710,10 +825,10 @@ def train_step(enc, pred, target, opt, mb, grid, m, clip=0.0, autocast=nullconte
         loss = OPS["loss"](z, h, mb["tgt_idx"])
     share, ddp = 1.0, isinstance(enc, nn.parallel.DistributedDataParallel)
     if ddp:  # weight each process's mean by its share of target
-        n = torch.tensor([float(len(mb["tgt_idx"]))], device=loss.device)  # tokens: the DDP gradient average is
-        n_all = n.clone()                                                    # then the gradient of the global mean
-        dist.all_reduce(n_all)
-        share = n * dist.get_world_size() / n_all
+        n = torch.tensor([0.0 if "stand_in" in mb else float(len(mb["tgt_idx"]))], device=loss.device)  # tokens:
+        n_all = n.clone()                       # the DDP gradient average is then the gradient of the global mean
+        dist.all_reduce(n_all)                  # (a stand-in batch of an unreadable share weighs nothing)
+        share = n * dist.get_world_size() / n_all.clamp_min(1)
     opt.zero_grad(set_to_none=True)
     (loss * share).backward()
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -743,20 +858,28 @@ def train(c: Config):
     opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999), fused=True)  # fused: fast
     step = 0
     if c.resume and os.path.exists(ckpt_path):
-        ck = read_checkpoint(ckpt_path)
-        for m, k in ((encoder, "encoder"), (predictor, "predictor"), (target, "target_encoder")):
-            m.load_state_dict(ck[k])
-        opt.load_state_dict(ck["optimizer"])
+        try:
+            ck = read_checkpoint(ckpt_path)
+            load_weights(ck, ckpt_path, encoder=encoder, predictor=predictor, target_encoder=target, optimizer=opt)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}") from None
         step = ck["step"]
         set_rng_state(ck["rng"])
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     elif c.resume and master:
         print(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
+    if step == c.steps:  # re-running a finished run changes nothing (and succeeds); any other zero-step run fails
+        print(f"{ckpt_path} is already at its last step, {step}: nothing to do")
+        return encoder, predictor, target
+    if step >= (c.stop_at or c.steps):
+        raise SystemExit(f"error: {ckpt_path} is at step {step}, this run ends at step {c.stop_at or c.steps}: "
+                         f"nothing to train (raise --steps to continue it)")
 
-    triton = resolve_kernels(c.kernels, device)
-    use_kernels(triton)
-    paths = list_images(c.data)
+    head_dims = (c.width // c.heads, c.pred_width // c.heads)
+    triton = resolve_kernels(c.kernels, device, head_dims)
+    use_kernels(triton, check=dict(width=c.width, head_dims=head_dims, device=device))
+    paths = list_images(c.data, c.out)
     sampler = StepBatches(len(paths), c.batch_size, c.seed, step, c.stop_at or c.steps, rank, world)
     loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, collate_fn=Collate(c),
                                          num_workers=c.workers, pin_memory=device.type == "cuda")
@@ -790,7 +913,7 @@ def train(c: Config):
               f"{header['kernels']} | steps {step}->{c.stop_at or c.steps}")
     from tqdm import tqdm
     bar = tqdm(total=(c.stop_at or c.steps), initial=step, disable=not master, dynamic_ncols=True)
-    seen_bad, n_bad, t0, imgs_since = set(), 0, time.time(), 0
+    seen_bad, empty, t0, imgs_since = set(), 0, time.time(), 0  # unreadable files; batches in a row without an image
     stats = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0)
     try:
         for mb in loader:
@@ -798,19 +921,25 @@ def train(c: Config):
                 if err not in seen_bad and master:
                     tqdm.write(f"skipping {err}")
                 seen_bad.add(err)
-                n_bad += 1
-            if mb["imgs"] is None:  # the whole share of this batch was unreadable
+            empty = empty + 1 if mb["imgs"] is None else 0
+            if empty >= min(10, len(sampler)):  # unreadable data, not bad luck: stop rather than "train" on nothing
+                raise SystemExit(f"error: {empty} batches in a row held no readable image ({len(seen_bad)} distinct "
+                                 f"unreadable files, listed above); check --data {c.data}")
+            if mb["imgs"] is None and not ddp:  # the whole share of this batch was unreadable
                 step += 1
                 bar.update(1)
                 continue
+            if mb["imgs"] is None:  # every process must run each step's collectives: a stand-in that weighs nothing
+                mb = {**Collate(c)([(torch.zeros(1, c.img_size, c.img_size), None, 0)]), "stand_in": True}
             mb = batch_to(mb, device)
             lr, wd, m = lr_at(step, c), wd_at(step, c), ema_at(step, c)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
             end = c.stop_at or c.steps  # the loss is checked (a device sync) only where we log or checkpoint:
             check = (step + 1) % c.log_every == 0 or (step + 1) % c.ckpt_every == 0 or step + 1 == end
-            loss, gnorm, h = train_step(enc, pred, target, opt, mb, grid, m, c.clip, autocast, check)
-            step += 1
+            with whole_step():  # Ctrl-C waits for the step and its count: a checkpoint never holds half a step
+                loss, gnorm, h = train_step(enc, pred, target, opt, mb, grid, m, c.clip, autocast, check)
+                step += 1
             with torch.no_grad():  # collapse indicator: per-dimension std across the batch of pooled target features
                 stats["std"] += h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
             stats["loss"] += loss  # device tensors: read on log steps only
@@ -824,7 +953,7 @@ def train(c: Config):
                 n = stats["n"]
                 rec = dict(step=step, loss=float(stats["loss"]) / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
                            img_per_s=imgs_since / dt, ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
-                           target_std=float(stats["std"]) / n, skipped_files=n_bad, time=time.time(),
+                           target_std=float(stats["std"]) / n, skipped_files=len(seen_bad), time=time.time(),
                            # this step's target tokens, <= 4096 of them: how many directions the features use
                            target_erank=effective_rank(h.reshape(-1, h.shape[-1])[:4096]))
                 with open(os.path.join(c.out, "log.jsonl"), "a") as f:
@@ -832,7 +961,7 @@ def train(c: Config):
                 tqdm.write(f"step {step:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | wd {wd:.3f} | ema {m:.4f} | "
                            f"gnorm {rec['grad_norm']:.3f} | {rec['img_per_s']:.1f} img/s | ctx {rec['ctx_patches']:.1f} "
                            f"tgt {rec['tgt_patches']:.1f} | std {rec['target_std']:.3f} | erank {rec['target_erank']:.1f} | "
-                           f"skipped {n_bad}")
+                           f"skipped {len(seen_bad)}")
                 stats, t0, imgs_since = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0), time.time(), 0
             if step % c.ckpt_every == 0:
                 checkpoint(step)
@@ -922,22 +1051,31 @@ def save_mask_picture(c, paths, png_path, n=6):
 
 def main(argv=None):
     given = parse_args(argv)
-    base = None
-    out = given.get("out", Config.out)
-    if given.get("resume") and os.path.exists(os.path.join(out, "ckpt.pt")):
-        base = read_checkpoint(os.path.join(out, "ckpt.pt"))["config"]  # the run's own config; flags given override
-        base["stop_at"] = 0  # a stop point belongs to the run that stopped, not to its continuation
-        changed = sorted(k for k in given if k not in RUN_FIELDS and given[k] != base.get(k))
-        if changed:
-            print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
-                  f"uninterrupted run")
-    c = make_config(given, base)
+    base, ck_path = None, os.path.join(given.get("out", Config.out), "ckpt.pt")
+    try:
+        if given.get("resume") and os.path.exists(ck_path):
+            base = read_checkpoint(ck_path)["config"]  # the run's own config; flags given override
+            base["stop_at"] = 0  # a stop point belongs to the run that stopped, not to its continuation
+        c = make_config(given, base)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if base and (arch := [f"--{k.replace('_', '-')} {getattr(c, k)} (checkpoint: {base.get(k)})"
+                          for k in ARCH_FIELDS if getattr(c, k) != base.get(k)]):  # the weights could not load
+        raise SystemExit(f"error: --resume with a different architecture: {', '.join(arch)}; drop these flags or use "
+                         f"another --out")
+    if base and (changed := sorted(k for k in given if k not in RUN_FIELDS and given[k] != base.get(k))):
+        print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
+              f"uninterrupted run")
     if not c.data:
         raise SystemExit("error: --data is required (a folder of chest X-rays, or `python data_prep.py synthetic`)")
-    if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(os.path.join(c.out, "masks.png")):
-        os.makedirs(c.out, exist_ok=True)
-        save_mask_picture(c, list_images(c.data), os.path.join(c.out, "masks.png"))
-    return train(c)
+    lock = claim_out(c.out) if int(os.environ.get("RANK", 0)) == 0 else None  # only rank 0 writes
+    try:
+        if lock and not os.path.exists(os.path.join(c.out, "masks.png")):
+            save_mask_picture(c, list_images(c.data, c.out), os.path.join(c.out, "masks.png"))
+        return train(c)
+    finally:
+        if lock:
+            lock.close()  # releases the lock
 
 
 if __name__ == "__main__":

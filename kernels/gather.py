@@ -27,7 +27,9 @@ kernels/varlen_attention.py consumes.
    pass over dz: grad_out is almost always 1, but knowing that would cost a device->host sync).
    idx may repeat here (I-JEPA's 4 target blocks may overlap): h receives no gradient.
 
-Constraints: x/z/h fp32, fp16 or bf16; last dim contiguous; idx int32/int64 in range. The range (and, for
+Both are registered as torch.library custom ops (`radjepa::gather_rows`, `radjepa::scatter_rows`,
+`radjepa::ln_gather_smooth_l1`) with fake implementations and registered autograd, so torch.compile sees one opaque
+op per call. Constraints: x/z/h fp32, fp16 or bf16; last dim contiguous; idx int32/int64 in range. The range (and, for
 gather_rows, uniqueness) checks need a device->host copy, so they run for CPU tensors always and for CUDA tensors
 only with RADJEPA_CHECK_KERNEL_ARGS=1. ln_gather_smooth_l1 handles D <= 8192.
 Tested with triton 3.7.1 + torch 2.13.0 in the Triton interpreter (TRITON_INTERPRET=1, CPU) only; the compiled GPU
@@ -35,6 +37,7 @@ path has not run yet (see kernels/bench.py). Caution: interpreter bf16 arithmeti
 converted to fp32 right after loading (the kernels here do fp32 math on all paths anyway).
 """
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,13 +139,18 @@ def _check_float(fn, name, t, dims):
                          f"the slow CPU interpreter); use {fn}_ref on CPU")
 
 
-def _check_idx(fn, idx, n_rows, device, unique):
+def _check_idx(fn, idx, device):
+    """Metadata checks only: cheap, and traceable by torch.compile."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{fn}: idx must be a 1-D int32/int64 tensor, got "
                          f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
     if idx.device != device:
         raise ValueError(f"{fn}: idx is on {idx.device} but the data is on {device}")
-    if (CHECK_VALUES or idx.device.type == "cpu") and idx.numel():  # needs a device->host copy on CUDA
+
+
+def _check_idx_values(fn, idx, n_rows, unique):
+    """Range (and uniqueness) of the indices: a device->host copy on CUDA, so only with RADJEPA_CHECK_KERNEL_ARGS=1."""
+    if (CHECK_VALUES or idx.device.type == "cpu") and idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= n_rows:
             raise ValueError(f"{fn}: idx values must lie in [0, {n_rows}), got [{lo}, {hi}]")
@@ -157,36 +165,64 @@ def _row_tiling(D):
     return rows, block_d
 
 
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, idx, pos):
-        B, N, D = x.shape
-        x2 = x.reshape(B * N, D)  # a view when x is contiguous
-        if x2.stride(1) != 1:
-            x2 = x2.contiguous()
-        T = idx.numel()
-        out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
-        out = _alloc((T, D), out_dtype, x.device)
-        rows, block_d = _row_tiling(D)
-        _gather_rows_kernel[(triton.cdiv(T, rows),)](
-            x2, x2 if pos is None else pos, idx, out, T, N, D, x2.stride(0), 0 if pos is None else pos.stride(0),
-            out.stride(0), HAS_POS=pos is not None, ROWS=rows, BLOCK_D=block_d)
-        ctx.save_for_backward(idx)
-        ctx.shape, ctx.dtype = x.shape, x.dtype
-        return out
+# The autograd wiring is registered with torch.library (custom ops + fake implementations + register_autograd), so
+# torch.compile sees one opaque op per call instead of tracing into the launchers (or the CPU interpreter).
 
-    @staticmethod
-    def backward(ctx, dout):
-        (idx,) = ctx.saved_tensors
-        B, N, D = ctx.shape
-        if dout.stride(1) != 1:
-            dout = dout.contiguous()
-        dx = torch.zeros(B * N, D, dtype=ctx.dtype, device=dout.device)  # rows never gathered get zero grad
-        rows, block_d = _row_tiling(D)
-        T = idx.numel()
-        _scatter_rows_kernel[(triton.cdiv(T, rows),)](dout, idx, dx, T, D, dout.stride(0), dx.stride(0),
-                                                       ROWS=rows, BLOCK_D=block_d)
-        return dx.view(B, N, D), None, None
+@torch.library.custom_op("radjepa::gather_rows", mutates_args=())
+def _gather_rows_op(x: torch.Tensor, idx: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    B, N, D = x.shape
+    _check_idx_values("gather_rows", idx, B * N, unique=True)
+    x2 = x.reshape(B * N, D)  # a view when x is contiguous
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    T = idx.numel()
+    out = _alloc((T, D), _gather_dtype(x, pos), x.device)
+    rows, block_d = _row_tiling(D)
+    _gather_rows_kernel[(triton.cdiv(T, rows),)](
+        x2, x2 if pos is None else pos, idx, out, T, N, D, x2.stride(0), 0 if pos is None else pos.stride(0),
+        out.stride(0), HAS_POS=pos is not None, ROWS=rows, BLOCK_D=block_d)
+    return out
+
+
+@_gather_rows_op.register_fake
+def _(x, idx, pos):
+    return x.new_empty((idx.shape[0], x.shape[2]), dtype=_gather_dtype(x, pos))
+
+
+@torch.library.custom_op("radjepa::scatter_rows", mutates_args=())
+def _scatter_rows_op(dout: torch.Tensor, idx: torch.Tensor, B: int, N: int, dtype: torch.dtype) -> torch.Tensor:
+    D = dout.shape[1]
+    if dout.stride(1) != 1:
+        dout = dout.contiguous()
+    dx = torch.zeros(B * N, D, dtype=dtype, device=dout.device)  # rows never gathered get zero grad
+    rows, block_d = _row_tiling(D)
+    T = idx.numel()
+    _scatter_rows_kernel[(triton.cdiv(T, rows),)](dout, idx, dx, T, D, dout.stride(0), dx.stride(0),
+                                                   ROWS=rows, BLOCK_D=block_d)
+    return dx.view(B, N, D)
+
+
+@_scatter_rows_op.register_fake
+def _(dout, idx, B, N, dtype):
+    return dout.new_empty((B, N, dout.shape[1]), dtype=dtype)
+
+
+def _gather_setup_context(ctx, inputs, output):
+    x, idx, _pos = inputs
+    ctx.save_for_backward(idx)
+    ctx.B, ctx.N, ctx.dtype = x.shape[0], x.shape[1], x.dtype
+
+
+def _gather_backward(ctx, dout):
+    (idx,) = ctx.saved_tensors
+    return _scatter_rows_op(dout, idx, ctx.B, ctx.N, ctx.dtype), None, None
+
+
+_gather_rows_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+
+
+def _gather_dtype(x, pos):
+    return x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
 
 
 def gather_rows(x, idx, pos=None):
@@ -201,36 +237,49 @@ def gather_rows(x, idx, pos=None):
         if pos.requires_grad:
             raise ValueError("gather_rows: pos gets no gradient here (a fixed sin-cos buffer); pass pos.detach() "
                              "or use gather_rows_ref for a learned position embedding")
-    _check_idx("gather_rows", idx, B * N, x.device, unique=True)
-    return _GatherRows.apply(x, idx, pos)
+    _check_idx("gather_rows", idx, x.device)
+    return _gather_rows_op(x, idx, pos)
 
 
-class _LNGatherSmoothL1(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, h, idx, eps, beta):
-        R, D = z.shape
-        h2 = h.reshape(-1, D)
-        if h2.stride(1) != 1:
-            h2 = h2.contiguous()
-        if z.stride(1) != 1:
-            z = z.contiguous()
-        write_grad = ctx.needs_input_grad[0]
-        rows = 64 if INTERPRET else 4
-        n_prog = triton.cdiv(R, rows)
-        partial = _alloc((n_prog,), torch.float32, z.device)  # one partial sum per program
-        dz = _alloc((R, D), z.dtype, z.device) if write_grad else partial  # (dummy pointer when no grad)
-        _ln_gather_smooth_l1_kernel[(n_prog,)](
-            z, h2, idx, partial, dz, R, D, z.stride(0), h2.stride(0), dz.stride(0) if write_grad else 0,
-            float(eps), float(beta), 1.0 / beta if beta > 0 else 0.0, 1.0 / (R * D),
-            WRITE_GRAD=write_grad, ROWS=rows, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-        if write_grad:
-            ctx.save_for_backward(dz)
-        return partial.sum() / (R * D)  # fixed-order host-side reduction: deterministic
+@torch.library.custom_op("radjepa::ln_gather_smooth_l1", mutates_args=())
+def _ln_loss_op(z: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, eps: float, beta: float,
+                write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (loss fp32 scalar, dL/dz [R, D] in z's dtype, or an empty tensor when write_grad is False)."""
+    R, D = z.shape
+    _check_idx_values("ln_gather_smooth_l1", idx, h.numel() // D, unique=False)
+    h2 = h.reshape(-1, D)
+    if h2.stride(1) != 1:
+        h2 = h2.contiguous()
+    if z.stride(1) != 1:
+        z = z.contiguous()
+    rows = 64 if INTERPRET else 4
+    n_prog = triton.cdiv(R, rows)
+    partial = _alloc((n_prog,), torch.float32, z.device)  # one partial sum per program
+    dz = _alloc((R, D), z.dtype, z.device) if write_grad else z.new_empty(0)
+    _ln_gather_smooth_l1_kernel[(n_prog,)](
+        z, h2, idx, partial, dz if write_grad else partial, R, D, z.stride(0), h2.stride(0),
+        dz.stride(0) if write_grad else 0, float(eps), float(beta), 1.0 / beta if beta > 0 else 0.0, 1.0 / (R * D),
+        WRITE_GRAD=write_grad, ROWS=rows, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return partial.sum() / (R * D), dz  # fixed-order host-side reduction: deterministic
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (dz,) = ctx.saved_tensors
-        return dz * grad_out, None, None, None, None
+
+@_ln_loss_op.register_fake
+def _(z, h, idx, eps, beta, write_grad):
+    return z.new_empty((), dtype=torch.float32), z.new_empty(z.shape if write_grad else (0,))
+
+
+def _ln_loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _ln_loss_backward(ctx, grad_loss, _grad_dz):
+    (dz,) = ctx.saved_tensors
+    if dz.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError("ln_gather_smooth_l1: the op ran with write_grad=False, so it has no dL/dz to return")
+    return dz * grad_loss, None, None, None, None, None
+
+
+_ln_loss_op.register_autograd(_ln_loss_backward, setup_context=_ln_loss_setup_context)
 
 
 def ln_gather_smooth_l1(z, h, idx, eps=1e-5, beta=1.0):
@@ -256,8 +305,9 @@ def ln_gather_smooth_l1(z, h, idx, eps=1e-5, beta=1.0):
                          f"{getattr(idx, 'shape', None)}")
     if not (beta >= 0 and eps > 0):
         raise ValueError(f"ln_gather_smooth_l1: need beta >= 0 and eps > 0, got beta={beta}, eps={eps}")
-    _check_idx("ln_gather_smooth_l1", idx, h.numel() // D, z.device, unique=False)
-    return _LNGatherSmoothL1.apply(z, h, idx, eps, beta)
+    _check_idx("ln_gather_smooth_l1", idx, z.device)
+    write_grad = z.requires_grad and torch.is_grad_enabled()  # dL/dz is written in the same pass only if needed
+    return _ln_loss_op(z, h, idx, float(eps), float(beta), write_grad)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

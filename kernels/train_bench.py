@@ -110,7 +110,7 @@ class RadjepaStepper:
                      pred_width=cfg["pred_width"], pred_depth=cfg["pred_depth"], seed=seed,
                      min_ctx=cfg.get("min_ctx", 10), kernels="triton" if path.startswith("triton") else "torch")
         c = self.c = radjepa.make_config(given)
-        triton = radjepa.resolve_kernels(c.kernels, device)
+        triton = radjepa.resolve_kernels(c.kernels, device, (c.width // c.heads, c.pred_width // c.heads))
         radjepa.use_kernels(triton)
         torch.manual_seed(seed)
         self.grid = grid = (c.img_size // c.patch,) * 2

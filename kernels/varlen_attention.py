@@ -20,25 +20,48 @@ Layout: packed tokens + cu_seqlens (not padding + key mask)
 
 Algorithm (FlashAttention-2, non-causal, one softmax per sequence)
 ------------------------------------------------------------------
-forward, grid (cdiv(max_seqlen, BLOCK_M), S*H): one program = one tile of BLOCK_M queries of one (sequence, head).
+forward, grid (S*H, cdiv(max_seqlen, BLOCK_M)): one program = one tile of BLOCK_M queries of one (sequence, head).
     It streams the keys of its sequence in BLOCK_N tiles with the online softmax (running max m, running sum l,
     exp2 with log2(e) folded into the scale) and writes O and LSE = m + log2(l) (fp32, base 2, [H, T]).
-backward (no atomics -> bit-for-bit deterministic):
+    2 tile-GEMMs per (query tile, key tile): S = Q K^T and O += P V.
+backward:
     1. delta[h, t] = sum_d O*dO                                   (one cheap elementwise kernel)
-    2. dK, dV: grid over key tiles; each program loops over all query tiles of its sequence and recomputes
-       P^T = exp2(K Q^T * scale - LSE):  dV += P^T dO,  dS^T = P^T * (V dO^T - delta),  dK += dS^T Q
-    3. dQ:     grid over query tiles; loops over key tiles:            dQ += dS K
-    Matmul work: 2 (fwd) + 5 (bwd) tile-GEMMs = the usual "bwd = 2.5 x fwd".
+    2. one kernel; a program owns key tiles of one (sequence, head), keeps K, V, dK, dV in registers and loops
+       over the query tiles of its sequence, recomputing the probabilities from the saved LSE:
+           P^T = exp2(K Q^T * scale - LSE)          (the scale and the LSE subtraction are one FMA per element)
+           dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T * (dP^T - delta),  dK += dS^T Q,  dQ[tile] += dS K
+       = 5 tile-GEMMs (FlashAttention-2's count; backward = 2.5 x forward). dQ is summed over the key tiles in an
+       fp32 buffer, in one of two ways (`atomic_dq`):
+         False (default): one program per (sequence, head) walks all of its key tiles in a fixed order and adds
+                into dQ with plain load + store: bit-for-bit deterministic, no atomics. Parallelism is S*H
+                programs (1,536 for ViT-B at B=128, 6,144 in its predictor), plenty at I-JEPA lengths.
+         True:  grid (S*H, key tiles), partial dQ sums meet in fp32 atomic adds: more programs for long
+                sequences or small batches, but the summation order (and the last bits of dQ) vary run to run.
+       (The earlier version used a separate dQ kernel that recomputed Q K^T and dO V^T: 7 GEMMs, 3.5 x fwd.)
 Every load is masked (rows >= length read 0, keys >= length get score -inf), so any length >= 1 works, not only
 multiples of the block size. A program whose tile starts past its sequence's end returns at once.
+Grids put S*H on axis 0 (up to 2^31 - 1 programs); CUDA caps axes 1 and 2 at 65,535, which S*H passes already
+for ViT-B at a per-GPU batch of ~1,366 (12 heads x 4 target blocks). Axis 1 only counts tiles of one sequence.
+
+Head dims that are not a power of two
+-------------------------------------
+`tl.arange` needs a power of two and `tl.dot` needs K >= 16, so the head dim is padded in registers to
+BLOCK_D = max(16, next_pow2(Dh)) and masked: padded lanes load 0 (adding 0 to every dot product) and are never
+stored. vit_large's predictor (384 / 16 = 24) runs on 32 lanes, 33% more attention-GEMM work; nothing in memory
+is padded.
 
 Constraints
 -----------
-  * fp32 / fp16 / bf16; q, k, v the same dtype; Dh in {16, 32, 64, 128}; head dim contiguous (stride 1).
-  * On a GPU fp32 inputs run `tl.dot` in TF32 (Triton's default), so fp32 is ~1e-3 accurate there, not 1e-6.
+  * fp32 / fp16 / bf16; q, k, v the same dtype; 1 <= Dh <= 128; head dim contiguous (stride 1).
+  * fp32 inputs run `tl.dot(..., input_precision="ieee")` on a GPU (Triton's default, TF32, rounds the inputs to 10
+    mantissa bits, ~1e-3 error): fp32 is a checking dtype here, so it should be exact, not fast. fp16/bf16 run
+    on the tensor cores as usual.
   * Value checks on cu_seqlens (monotone, cu[-1] == T, max_seqlen >= longest) need a device->host copy, so they
     run for CPU tensors always and for CUDA tensors only with RADJEPA_CHECK_KERNEL_ARGS=1. A too-small max_seqlen
     on CUDA without checks leaves rows of O unwritten.
+  * The ops are registered with torch.library (`radjepa::varlen_attn_fwd`, `radjepa::varlen_attn_bwd`) with fake
+    implementations and a registered autograd formula, so torch.compile sees one opaque op per call instead of
+    tracing into the launcher (or into the CPU interpreter).
 
 Tested with triton 3.7.1 + torch 2.13.0 in the Triton interpreter (TRITON_INTERPRET=1, CPU) only; the compiled
 GPU path has not run yet (see kernels/bench.py).
@@ -50,6 +73,7 @@ Credits: algorithm from FlashAttention-2 (Dao, 2023) and Triton tutorial 06; cod
 """
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +84,21 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 # Value checks that need a device->host sync (see "Constraints"); always on for CPU tensors.
 CHECK_VALUES = os.environ.get("RADJEPA_CHECK_KERNEL_ARGS", "0") == "1"
+# Backward dQ strategy (see "Algorithm"): False = deterministic, True = fp32 atomics. Per call: atomic_dq=...
+ATOMIC_DQ = os.environ.get("RADJEPA_ATTN_ATOMIC_DQ", "0") == "1"
 # Test hook: fill every output buffer with NaN before the kernels run, so an element a kernel forgot to write
 # shows up as NaN instead of as whatever torch.empty happened to return.
 POISON = False
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the native instruction
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2^31 - 1)
+
+
+def head_dim_problem(dh):
+    """None if the kernels support head dim `dh`, else the reason (one line)."""
+    return None if 1 <= dh <= MAX_HEAD_DIM else f"head dim {dh} unsupported (need 1 <= Dh <= {MAX_HEAD_DIM})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,196 +109,173 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the native in
 def _attn_fwd(Q, K, V, O, LSE, CU, qk_scale,  # qk_scale = sm_scale * log2(e)
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
               T, H, LEN_BUCKET,  # LEN_BUCKET: only an autotune key (next pow2 of max_seqlen)
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    # -- stage 0: which (query tile, sequence, head) am I? ------------------------------------------------------
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1) // H
-    head = tl.program_id(1) % H
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # -- stage 0: which (sequence, head, query tile) am I? -------------------------------------------------------
+    seq = tl.program_id(0) // H
+    head = tl.program_id(0) % H
+    pid_m = tl.program_id(1)
     start = tl.load(CU + seq).to(tl.int64)  # first token of my sequence in the packed T axis
     L = tl.load(CU + seq + 1).to(tl.int64) - start  # its length
     if pid_m * BLOCK_M >= L:  # grid is sized for the longest sequence; shorter ones have spare tiles
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions inside the sequence
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # head-dim lanes; lanes >= HEAD_DIM are padding (read 0, never stored)
+    mask_d = offs_d < HEAD_DIM
     mask_m = offs_m < L
 
-    # -- stage 1: load my query tile [BLOCK_M, HEAD_DIM] (rows past the end read 0 and are never stored) ---------
+    # -- stage 1: load my query tile [BLOCK_M, BLOCK_D] (rows past the end read 0 and are never stored) ----------
     q = tl.load(Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the (base-2) scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running unnormalised output
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running unnormalised output
 
     # -- stage 2: stream the key/value tiles of my sequence with the online softmax ------------------------------
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < L
         kv_rows = (start + offs_n)[:, None]
-        k = tl.load(K + kv_rows * stride_kt + head * stride_kh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(V + kv_rows * stride_vt + head * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + kv_rows * stride_kt + head * stride_kh + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(V + kv_rows * stride_vt + head * stride_vh + offs_d[None, :], mask=mask_nd, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] scores in log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N] log2 units
         s = tl.where(mask_n[None, :], s, float("-inf"))  # keys past the end (or of the next sequence) get weight 0
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds >= 1 valid key
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max (0 on 1st tile)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # P in the input dtype -> tensor-core GEMM
+        # P in the input dtype -> tensor-core GEMM
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
     # -- stage 3: normalise, store O and the log-sum-exp the backward pass needs ----------------------------------
     o = acc / l_i[:, None]
     tl.store(O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             o.to(O.dtype.element_ty), mask=mask_m[:, None])
+             o.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + head * T + start + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
 @triton.jit
 def _attn_bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, T,
-                         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     # delta[h, t] = sum_d O[t, h, d] * dO[t, h, d]  (= rowsum(P * dP), the softmax-backward correction term)
     offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     head = tl.program_id(1)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask = offs_t < T
-    o = tl.load(O + offs_t[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask[:, None], other=0.0)
-    do = tl.load(DO + offs_t[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask[:, None],
-                 other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + offs_t[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + offs_t[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + head * T + offs_t, delta, mask=mask)
+    tl.store(DELTA + head * T + offs_t, delta, mask=offs_t < T)
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scale,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dkt, stride_dkh, stride_dvt, stride_dvh, T, H, LEN_BUCKET,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    # -- stage 0: one program = one tile of BLOCK_N keys of one (sequence, head) ---------------------------------
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1) // H
-    head = tl.program_id(1) % H
+def _attn_bwd(Q, K, V, DO, LSE, DELTA, DQ32, DK, DV, CU, qk_scale, sm_scale,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+              stride_dkt, stride_dkh, stride_dvt, stride_dvh, T, H, LEN_BUCKET,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    # -- stage 0: which (sequence, head), and which of its key tiles? --------------------------------------------
+    seq = tl.program_id(0) // H
+    head = tl.program_id(0) % H
     start = tl.load(CU + seq).to(tl.int64)
     L = tl.load(CU + seq + 1).to(tl.int64) - start
-    if pid_n * BLOCK_N >= L:
-        return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_n = offs_n < L
-
-    # -- stage 1: my K and V tiles stay in registers for the whole loop -----------------------------------------
-    k = tl.load(K + (start + offs_n)[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
-    v = tl.load(V + (start + offs_n)[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
-    # -- stage 2: loop over every query tile of my sequence, working with transposed scores [BLOCK_N, BLOCK_M] ---
-    for start_m in range(0, L, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < L
-        q_rows = (start + offs_m)[:, None]
-        q = tl.load(Q + q_rows * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-        do = tl.load(DO + q_rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_m[:, None],
-                     other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(LSE + head * T + start + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + head * T + start + offs_m, mask=mask_m, other=0.0)
-        # recompute the probabilities from the saved LSE instead of storing the T x T matrix
-        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-        pT = tl.where(mask_m[None, :], pT, 0.0)  # queries past the end contribute nothing
-        dv += tl.dot(pT.to(do.dtype), do)  # dV = P^T dO
-        dpT = tl.dot(v, tl.trans(do))  # (dO V^T)^T
-        dsT = pT * (dpT - delta[None, :])  # softmax backward: dS = P * (dP - delta)
-        dk += tl.dot(dsT.to(q.dtype), q)  # dK = dS^T Q (scale applied once below)
-
-    # -- stage 3: store (rows past the end are masked off) --------------------------------------------------------
-    dk *= sm_scale
-    tl.store(DK + (start + offs_n)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
-    tl.store(DV + (start + offs_n)[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
-
-
-@triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
-                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                 stride_dqt, stride_dqh, T, H, LEN_BUCKET,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    # -- stage 0: one program = one tile of BLOCK_M queries of one (sequence, head) ------------------------------
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1) // H
-    head = tl.program_id(1) % H
-    start = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1).to(tl.int64) - start
-    if pid_m * BLOCK_M >= L:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_m = offs_m < L
-
-    # -- stage 1: my Q, dO tiles and their per-row softmax statistics -------------------------------------------
-    q_rows = (start + offs_m)[:, None]
-    q = tl.load(Q + q_rows * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-    do = tl.load(DO + q_rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + head * T + start + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + head * T + start + offs_m, mask=mask_m, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    # -- stage 2: loop over the key tiles of my sequence ----------------------------------------------------------
-    for start_n in range(0, L, BLOCK_N):
+    if ATOMIC_DQ:  # one key tile per program (grid axis 1); dQ partial sums meet in fp32 atomics
+        n_lo = tl.program_id(1) * BLOCK_N
+        if n_lo >= L:
+            return
+        n_hi = n_lo + 1  # the loop below runs exactly once
+    else:  # every key tile of the sequence, in order, in this one program: dQ adds in a fixed order
+        n_lo = 0
+        n_hi = L
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    # DQ32 is a contiguous fp32 [T, H, HEAD_DIM] buffer, zeroed by the launcher
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        # -- stage 1: my K and V tiles stay in registers while I loop over the query tiles --------------------
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < L
-        kv_rows = (start + offs_n)[:, None]
-        k = tl.load(K + kv_rows * stride_kt + head * stride_kh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(V + kv_rows * stride_vt + head * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        mask_nd = (offs_n < L)[:, None] & mask_d[None, :]
+        k = tl.load(K + (start + offs_n)[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
+                    mask=mask_nd, other=0.0)
+        v = tl.load(V + (start + offs_n)[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
+                    mask=mask_nd, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # [BLOCK_M, BLOCK_N]
-        p = tl.where(mask_n[None, :], p, 0.0)  # keys past the end contribute nothing
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)  # dQ = dS K
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    # -- stage 3: store --------------------------------------------------------------------------------------------
-    dq *= sm_scale
-    tl.store(DQ + q_rows * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=mask_m[:, None])
+        # -- stage 2: every query tile of my sequence; transposed scores [BLOCK_N, BLOCK_M]; 5 tile-GEMMs ------
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < L
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q_rows = (start + offs_m)[:, None]
+            q = tl.load(Q + q_rows * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
+            do = tl.load(DO + q_rows * stride_dot + head * stride_doh + offs_d[None, :], mask=mask_md, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + head * T + start + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(DELTA + head * T + start + offs_m, mask=mask_m, other=0.0)
+            # recompute the probabilities from the saved LSE instead of storing the L x L matrix
+            pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse[None, :])  # 1
+            pT = tl.where(mask_m[None, :], pT, 0.0)  # queries past the end contribute nothing
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)  # 2: dV = P^T dO
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # 3: (dO V^T)^T
+            dsT = pT * (dpT - delta[None, :])  # softmax backward: dS = P * (dP - delta)
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)  # 4: dK = dS^T Q (scaled below)
+            dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=DOT_PREC) * sm_scale  # 5: dS K, [BM, BD]
+            dq_ptrs = DQ32 + q_rows * (H * HEAD_DIM) + head * HEAD_DIM + offs_d[None, :]
+            if ATOMIC_DQ:
+                tl.atomic_add(dq_ptrs, dq, mask=mask_md)
+            else:  # only this program touches these rows of this head: a plain read-modify-write is race-free
+                tl.store(dq_ptrs, tl.load(dq_ptrs, mask=mask_md, other=0.0) + dq, mask=mask_md)
+                tl.debug_barrier()  # the next key tile's read of these rows may run on other threads of the CTA
+
+        # -- stage 3: store dK, dV (rows past the end are masked off) -----------------------------------------
+        tl.store(DK + (start + offs_n)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
+        tl.store(DV + (start + offs_n)[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
 # On a GPU pick block sizes per (head dim, length bucket, dtype). Not in the interpreter: multi-config autotune
-# benchmarks through the GPU driver and fails there. All kernels only *write* their outputs, so re-running them
-# while tuning is harmless. Six configs per kernel keep the first-call tuning to a few seconds per key.
+# benchmarks through the GPU driver and fails there. The forward only *writes* its outputs, so re-running it while
+# tuning is harmless; the backward accumulates into DQ32, so each of its configs zeroes DQ32 first (a Config
+# pre_hook also runs before the final launch, unlike autotune's reset_to_zero in older Triton versions).
 # (outer tile = the one a program owns, inner tile = the one it loops over, num_warps, num_stages)
 _TILES = [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)]
+# The backward holds K, V, dK, dV and the five products of a tile pair at once: mostly 8 warps and 32-query inner
+# tiles. Compiled for sm_90 ahead of time (ptxas -v, bf16, Dh 64): the first four spill no registers in either dQ
+# variant; 4-warp versions of them and 64x64 (deterministic variant) spill 100-2000 bytes.
+_BWD_TILES = [(64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 16, 4, 2)]
 
 
-def _configs(outer_name, inner_name):
-    return [triton.Config({outer_name: bo, inner_name: bi}, num_warps=w, num_stages=st) for bo, bi, w, st in _TILES]
+def _zero_dq32(nargs):
+    nargs["DQ32"].zero_()
+
+
+def _configs(outer_name, inner_name, tiles, pre_hook=None):
+    return [triton.Config({outer_name: bo, inner_name: bi}, num_warps=w, num_stages=st, pre_hook=pre_hook)
+            for bo, bi, w, st in tiles]
 
 
 if not INTERPRET:
-    _key = ["HEAD_DIM", "LEN_BUCKET"]
-    _attn_fwd_tuned = triton.autotune(_configs("BLOCK_M", "BLOCK_N"), key=_key)(_attn_fwd)
-    _attn_bwd_dkdv_tuned = triton.autotune(_configs("BLOCK_N", "BLOCK_M"), key=_key)(_attn_bwd_dkdv)
-    _attn_bwd_dq_tuned = triton.autotune(_configs("BLOCK_M", "BLOCK_N"), key=_key)(_attn_bwd_dq)
+    _attn_fwd_tuned = triton.autotune(_configs("BLOCK_M", "BLOCK_N", _TILES),
+                                      key=["HEAD_DIM", "LEN_BUCKET"])(_attn_fwd)
+    _attn_bwd_tuned = triton.autotune(_configs("BLOCK_N", "BLOCK_M", _BWD_TILES, _zero_dq32),
+                                      key=["HEAD_DIM", "LEN_BUCKET", "ATOMIC_DQ"])(_attn_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers (loud argument checks) and autograd
+# Launchers (loud argument checks), registered as torch.library ops with autograd
 # ----------------------------------------------------------------------------------------------------------------
 
 def _alloc(shape, dtype, device):
@@ -275,6 +284,7 @@ def _alloc(shape, dtype, device):
 
 
 def _check_args(q, k, v, cu_seqlens, max_seqlen, block_m, block_n):
+    """Metadata checks only (dtype, shape, device): cheap, and traceable by torch.compile."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"varlen_attention: {name} must be a [T, H, Dh] tensor, got "
@@ -289,8 +299,9 @@ def _check_args(q, k, v, cu_seqlens, max_seqlen, block_m, block_n):
                          f"{tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"varlen_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[2] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"varlen_attention: head dim {q.shape[2]} unsupported; use one of {SUPPORTED_HEAD_DIMS}")
+    problem = head_dim_problem(q.shape[2])
+    if problem:
+        raise ValueError(f"varlen_attention: {problem}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
             or cu_seqlens.numel() < 2:
         raise ValueError("varlen_attention: cu_seqlens must be a 1-D int32 tensor [S+1] with S >= 1, got "
@@ -302,12 +313,16 @@ def _check_args(q, k, v, cu_seqlens, max_seqlen, block_m, block_n):
     if not INTERPRET and q.device.type != "cuda":
         raise ValueError("varlen_attention: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "import, to run the slow CPU interpreter); use varlen_attention_ref on CPU")
-    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+    if not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
         raise ValueError(f"varlen_attention: max_seqlen must be a positive int, got {max_seqlen!r}")
     for name, b in (("block_m", block_m), ("block_n", block_n)):
         if b is not None and (b < 16 or b & (b - 1)):
             raise ValueError(f"varlen_attention: {name}={b} must be a power of two >= 16")
-    if CHECK_VALUES or cu_seqlens.device.type == "cpu":  # needs a device->host copy on CUDA
+
+
+def _check_values(q, cu_seqlens, max_seqlen):
+    """Checks that read cu_seqlens' values: a device->host copy on CUDA, so only with RADJEPA_CHECK_KERNEL_ARGS=1."""
+    if CHECK_VALUES or cu_seqlens.device.type == "cpu":
         cu = cu_seqlens.cpu()
         lens = cu[1:] - cu[:-1]
         if cu[0] != 0 or cu[-1] != q.shape[0] or bool((lens < 0).any()):
@@ -318,66 +333,98 @@ def _check_args(q, k, v, cu_seqlens, max_seqlen, block_m, block_n):
             raise ValueError(f"varlen_attention: max_seqlen={max_seqlen} < longest sequence {int(lens.max())}")
 
 
+def _grid(S, H, max_seqlen, block):
+    """(S*H, tiles per sequence): the big dimension on axis 0, which CUDA allows up to 2^31 - 1."""
+    grid = (S * H, triton.cdiv(max_seqlen, block))
+    if grid[1] > MAX_GRID_YZ:  # only for sequences of > 1M tokens
+        raise ValueError(f"varlen_attention: max_seqlen={max_seqlen} needs {grid[1]} tiles > {MAX_GRID_YZ}")
+    return grid
+
+
 def _strides(t):
     return t.stride(0), t.stride(1)
 
 
-def _fwd(q, k, v, cu_seqlens, max_seqlen, sm_scale, block_m, block_n):
+def _meta(q):
+    Dh = q.shape[2]
+    return dict(HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: exact products (docstring)
+
+
+@torch.library.custom_op("radjepa::varlen_attn_fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+         sm_scale: float, block_m: Optional[int], block_n: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_values(q, cu_seqlens, max_seqlen)
     T, H, Dh = q.shape
     S = cu_seqlens.numel() - 1
     o = _alloc((T, H, Dh), q.dtype, q.device)
     lse = _alloc((H, T), torch.float32, q.device)  # base-2 log-sum-exp of each query row
     args = (q, k, v, o, lse, cu_seqlens, sm_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
             *_strides(o), T, H, triton.next_power_of_2(max_seqlen))
-    meta = dict(HEAD_DIM=Dh, UPCAST=INTERPRET and q.dtype == torch.bfloat16)
     if block_m is None and not INTERPRET:  # GPU default: autotuned tiles
-        _attn_fwd_tuned[lambda M: (triton.cdiv(max_seqlen, M["BLOCK_M"]), S * H)](*args, **meta)
+        _attn_fwd_tuned[lambda M: _grid(S, H, max_seqlen, M["BLOCK_M"])](*args, **_meta(q))
     else:
         bm, bn = block_m or 64, block_n or 64
-        _attn_fwd[(triton.cdiv(max_seqlen, bm), S * H)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        _attn_fwd[_grid(S, H, max_seqlen, bm)](*args, **_meta(q), BLOCK_M=bm, BLOCK_N=bn)
     return o, lse
 
 
-def _bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, sm_scale, block_m, block_n):
+@_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, sm_scale, block_m, block_n):
+    T, H, Dh = q.shape
+    return q.new_empty((T, H, Dh)), q.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("radjepa::varlen_attn_bwd", mutates_args=())
+def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+         cu_seqlens: torch.Tensor, max_seqlen: int, sm_scale: float, block_m: Optional[int], block_n: Optional[int],
+         atomic_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, H, Dh = q.shape
     S = cu_seqlens.numel() - 1
     if do.stride(2) != 1:
         do = do.contiguous()
     # 1. delta = rowsum(O * dO), fp32 [H, T]
     delta = _alloc((H, T), torch.float32, q.device)
+    meta = _meta(q)
     _attn_bwd_preprocess[(triton.cdiv(T, 64), H)](o, do, delta, *_strides(o), *_strides(do), T,
-                                                   HEAD_DIM=Dh, BLOCK=64)
-    dq, dk, dv = (_alloc((T, H, Dh), q.dtype, q.device) for _ in range(3))
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    lb = triton.next_power_of_2(max_seqlen)
-    meta = dict(HEAD_DIM=Dh, UPCAST=INTERPRET and q.dtype == torch.bfloat16)
-    # 2. dK, dV (grid over key tiles)   3. dQ (grid over query tiles)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *common,
-                 *_strides(dk), *_strides(dv), T, H, lb)
-    dq_args = (q, k, v, do, lse, delta, dq, cu_seqlens, sm_scale * LOG2E, sm_scale, *common, *_strides(dq), T, H, lb)
+                                                   HEAD_DIM=Dh, BLOCK_D=meta["BLOCK_D"], BLOCK=64)
+    # 2. dK, dV, and dQ summed in fp32 (zeroed here; the autotuner's config hook zeroes it again per trial)
+    dk, dv = (_alloc((T, H, Dh), q.dtype, q.device) for _ in range(2))
+    dq32 = torch.zeros((T, H, Dh), dtype=torch.float32, device=q.device)
+    args = (q, k, v, do, lse, delta, dq32, dk, dv, cu_seqlens, sm_scale * LOG2E, sm_scale, *_strides(q),
+            *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), T, H,
+            triton.next_power_of_2(max_seqlen))
     if block_m is None and not INTERPRET:
-        _attn_bwd_dkdv_tuned[lambda M: (triton.cdiv(max_seqlen, M["BLOCK_N"]), S * H)](*dkdv_args, **meta)
-        _attn_bwd_dq_tuned[lambda M: (triton.cdiv(max_seqlen, M["BLOCK_M"]), S * H)](*dq_args, **meta)
+        _attn_bwd_tuned[lambda M: _grid(S, H, max_seqlen if atomic_dq else 1, M["BLOCK_N"])](
+            *args, **meta, ATOMIC_DQ=atomic_dq)
     else:
         bm, bn = block_m or 64, block_n or 64
-        _attn_bwd_dkdv[(triton.cdiv(max_seqlen, bn), S * H)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn)
-        _attn_bwd_dq[(triton.cdiv(max_seqlen, bm), S * H)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn)
-    return dq, dk, dv
+        _attn_bwd[_grid(S, H, max_seqlen if atomic_dq else 1, bn)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                                     ATOMIC_DQ=atomic_dq)
+    return (dq32 if q.dtype == torch.float32 else dq32.to(q.dtype)), dk, dv
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, sm_scale, block_m, block_n):
-        o, lse = _fwd(q, k, v, cu_seqlens, max_seqlen, sm_scale, block_m, block_n)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.cfg = (max_seqlen, sm_scale, block_m, block_n)
-        return o
+@_bwd.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, sm_scale, block_m, block_n, atomic_dq):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_seqlens, *ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, sm_scale, block_m, block_n = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.cfg = (max_seqlen, sm_scale, block_m, block_n)
+    ctx.atomic_dq = ATOMIC_DQ
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_seqlens, *ctx.cfg, ctx.atomic_dq)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, sm_scale=None, *, block_m=None, block_n=None):
@@ -386,10 +433,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, sm_scale=None, *, block_m=
     q, k, v: [T, H, Dh] (strided views allowed, head dim contiguous); cu_seqlens: int32 [S+1];
     max_seqlen: int >= longest sequence. Returns o [T, H, Dh] in q's dtype; differentiable in q, k, v.
     block_m / block_n: fixed tile sizes (powers of 2 >= 16); default = autotuned on GPU, 64 in the interpreter.
+    The backward's dQ strategy is the module flag ATOMIC_DQ (env RADJEPA_ATTN_ATOMIC_DQ=1), read at forward time.
     """
     _check_args(q, k, v, cu_seqlens, max_seqlen, block_m, block_n)
     sm_scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
-    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, sm_scale, block_m, block_n)
+    return _fwd(q, k, v, cu_seqlens, max_seqlen, sm_scale, block_m, block_n)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
