@@ -191,7 +191,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (flat: at most 7 files)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny sizes everywhere (Triton interpreter)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 510; smoke 900)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 480; smoke 900)")
     p.add_argument("--kernels-timeout", type=float, default=150, help="seconds for part 1")
     p.add_argument("--loss-steps", type=int, default=None, help="steps per loss-curve run (default 50; smoke 15)")
     p.add_argument("--loss-timeout", type=float, default=170, help="seconds per loss-curve run")
@@ -202,7 +202,7 @@ def main(argv=None):
                    help="extra arguments for kernels.train_bench (e.g. '--paths torch triton')")
     p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "loss", "train"], help="parts to leave out")
     args = p.parse_args(argv)
-    args.budget = args.budget or (900 if args.smoke else 510)
+    args.budget = args.budget or (900 if args.smoke else 480)
     args.loss_steps = args.loss_steps or (15 if args.smoke else 50)
     args.candidate = args.candidate or ("--kernels triton" if args.smoke else "--kernels triton --compile")
     if args.smoke and not args.train_bench_args:
