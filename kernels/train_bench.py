@@ -249,6 +249,7 @@ def run_official_row(cfg_name, device, steps, warmup, repo=None, between=None):
     finish_row(row, cfg, r["ms_per_step_all"], [[kc] * B], [[[kt] * 4] * B], device, channels=3,
                width=p["width"], depth=p["depth"])
     row.update(ctx_tokens=r["ctx_tokens"], tgt_tokens_per_block=r["tgt_tokens"], peak_mem_gb=r["peak_mem_gb"],
+               ms_per_step_all=r["ms_per_step_all"],
                ms_per_step_official_csv=r["ms_per_step_csv"], steps=steps, warmup=warmup, dtype=r["dtype"])
     return row
 
