@@ -14,7 +14,8 @@ What one run does, top to bottom (the file reads in the same order):
   3. features: run each frozen encoder once over every image (cached in OUT/cache/), keep the patch tokens (fp16).
      Encoders in one run: the checkpoint's EMA target encoder ("jepa"), the same architecture randomly initialised
      ("random"), raw pixels ("pixels": a downsampled image for the linear probe, the patch's pixels as its "token"),
-     and optionally a second checkpoint ("other", via --compare OTHER.pt).
+     and optionally a second checkpoint ("other", via --compare OTHER.pt). --ckpt and --compare also take external
+     encoders, timm:NAME_OR_DIR and hf:NAME_OR_DIR (Rad-DINO, DINOv2, any timm model), through one adapter (3b).
   4. probes: linear (logistic regression on mean-pooled tokens, L-BFGS), grid (the same on tokens mean-pooled per cell
      of a 4x4 partition of the patch grid: coarse position kept), attentive (one learned query cross-attending over
      the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
@@ -401,6 +402,224 @@ def content_key(path):
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3b. External encoders: --ckpt / --compare timm:NAME_OR_DIR or hf:NAME_OR_DIR (Rad-DINO, DINOv2, any timm model).
+# One adapter gives them the contract of radjepa.load_encoder, so every probe below runs unchanged on them.
+
+EXTERNAL = ("timm:", "hf:")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def is_external(spec):
+    return spec.startswith(EXTERNAL)
+
+
+class ExternalEncoder(nn.Module):
+    """A frozen timm / Hugging Face image model with load_encoder's contract: x float [B, 1, H, W] in [0, 1] -> patch
+    tokens [B, N, D], row-major on the model's own square g x g grid. Per batch: resize to the model's input size
+    (antialiased bilinear, the whole image: no centre crop, which would cut off the costophrenic angles), gray -> its
+    number of channels (the same values in each), (x - mean) / std with its own statistics, run it, and drop the
+    tokens that are not patches (CLS, registers, distillation token). Rad-DINO: 518 px, patch 14 -> 37 x 37 tokens.
+    With n_last_blocks=k: a list of the last k blocks' tokens through the final norm (as for --pool last4)."""
+
+    def __init__(self, spec, model, size, chans, mean, std, patch=None, nhwc=False):
+        super().__init__()
+        self.spec, self.model, self.size, self.chans, self.nhwc = spec, model.float().eval(), size, chans, nhwc
+        for n, v in (("mean", mean), ("std", std)):             # one value for gray models, else one per channel
+            v = [float(a) for a in v] * (chans if len(v) == 1 else 1)
+            self.register_buffer(n, torch.tensor(v).view(1, -1, 1, 1))
+        if self.mean.shape[1] != chans:
+            raise EvalError(f"{spec}: mean/std have {self.mean.shape[1]} values, the model takes {chans} channels")
+        self.requires_grad_(False)
+        with torch.no_grad():                                   # one blank image tells where the patch tokens are
+            out = self.run(torch.zeros(1, chans, size[0], size[1]))
+        grid, self.n_prefix = None, 0
+        if out.ndim == 4:                                       # a feature map: NCHW (CNNs), NHWC (timm Swin)
+            grid = tuple(out.shape[1:3] if nhwc else out.shape[2:])
+        elif out.ndim == 3:
+            L, g = out.shape[1], (size[0] // patch, size[1] // patch) if patch else (0, 0)
+            if g[0] and 0 <= L - g[0] * g[1] <= 8:              # ViT-like: [CLS, registers, ..., patch tokens]
+                grid, self.n_prefix = g, L - g[0] * g[1]
+            elif math.isqrt(L) ** 2 == L:                       # no patch size known (or hierarchical): all tokens
+                grid = (math.isqrt(L),) * 2
+        if not grid or grid[0] != grid[1] or grid[0] == 0:
+            raise EvalError(f"{spec}: its output {tuple(out.shape)} at {size[0]}x{size[1]} px has no square patch grid "
+                            f"(eval.py needs per-patch tokens [B, g*g (+ up to 8 CLS/register tokens), D])")
+        self.grid, self.dim = int(grid[0]), int(out.shape[1 if out.ndim == 4 and not nhwc else -1])
+        self.patch_size = size[0] // self.grid                  # pixels per token side (the pixel baseline uses it)
+        self.config = {"img_size": size[0], "source": spec, "model": type(model).__name__, "grid": self.grid,
+                       "dim": self.dim, "prefix_tokens_dropped": self.n_prefix, "channels": chans,
+                       "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+    def describe(self):
+        c = self.config
+        return (f"{self.spec} ({c['model']}, {c['img_size']} px, {c['grid']}x{c['grid']} tokens of {c['dim']} dims, "
+                f"{c['prefix_tokens_dropped']} CLS/register token(s) dropped, gray -> {c['channels']} channel(s), "
+                f"mean {[round(v, 4) for v in c['mean']]}, std {[round(v, 4) for v in c['std']]})")
+
+    def run(self, x, k=None):
+        """The model's own output: [B, L, D] tokens or a [B, C, h, w] map (a list of the last k with k)."""
+        if hasattr(self.model, "forward_features"):            # timm
+            if k:                                               # min(k, taps), as load_encoder's min(k, depth)
+                k = min(k, len(getattr(self.model, "feature_info", None) or getattr(self.model, "blocks", ())) or k)
+                return self.model.forward_intermediates(x, indices=k, norm=True, output_fmt="NCHW",
+                                                        intermediates_only=True)
+            return self.model.forward_features(x)
+        out = self.model(pixel_values=x, output_hidden_states=bool(k))
+        if not k:
+            return out.last_hidden_state
+        norm = getattr(self.model, "layernorm", None)          # ViT / DINOv2: the final norm sits outside the blocks
+        hidden = out.hidden_states[1:]                          # [0] is the embedding output, not a block's
+        return [norm(h) if norm is not None and h.ndim == 3 else h for h in hidden[-k:]]
+
+    def tokens(self, out, fmt_nhwc):
+        if out.ndim == 4:
+            return (out.flatten(1, 2) if fmt_nhwc else out.flatten(2).transpose(1, 2))   # [B, h*w, C]
+        return out[:, self.n_prefix:]
+
+    def forward(self, x, n_last_blocks=None):
+        x = F.interpolate(x.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x.expand(-1, self.chans, -1, -1) - self.mean) / self.std
+        if n_last_blocks:
+            return [self.tokens(o, False) for o in self.run(x, n_last_blocks)]
+        return self.tokens(self.run(x), self.nhwc)
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _load_timm(spec, name, random_init):
+    try:
+        import timm
+        import timm.data
+    except Exception as e:  # not installed, or a torchvision built for another torch ("torchvision::nms ... not exist")
+        raise EvalError(f"{spec} needs timm: pip install timm (and a torchvision built for torch {torch.__version__}); "
+                        f"import failed with {_first_line(e)}")
+    if os.path.isdir(name):                                     # e.g. `radjepa.py export` output, or a hub snapshot
+        cfg = _read_json(os.path.join(name, "config.json"))
+        if not isinstance(cfg, dict) or "architecture" not in cfg:
+            raise EvalError(f"{name}: not a timm model folder (no config.json with an 'architecture')")
+        try:
+            model = timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {}))
+        except Exception as e:
+            raise EvalError(f"{name}/config.json does not build a timm model ({_first_line(e)})")
+        if not random_init:
+            files = [os.path.join(name, f) for f in ("model.safetensors", "pytorch_model.bin")]
+            w = next((f for f in files if os.path.isfile(f)), None)
+            if w is None:
+                raise EvalError(f"{name}: no weights (model.safetensors or pytorch_model.bin)")
+            try:
+                if w.endswith(".safetensors"):
+                    import safetensors.torch
+                    sd = safetensors.torch.load_file(w)
+                else:
+                    sd = torch.load(w, map_location="cpu", weights_only=True)
+                model.load_state_dict(sd)
+            except Exception as e:
+                raise EvalError(f"{w}: cannot load into {cfg['architecture']} ({_first_line(e)})")
+        pc = {**dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD), **cfg.get("pretrained_cfg", {})}
+    else:
+        try:
+            model = timm.create_model(name, pretrained=not random_init, num_classes=0)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise EvalError(f"{spec}: unknown timm model name (see timm.list_models('*{name.split('.')[0][:8]}*'))")
+            raise EvalError(f"{spec}: {_first_line(e)}")
+        except Exception as e:                                  # no network and no cached weights, bad hub id, ...
+            raise EvalError(f"{spec}: cannot get the pretrained weights ({_first_line(e)}); for a local copy pass "
+                            f"timm:FOLDER (config.json + weights)")
+        pc = timm.data.resolve_model_data_config(model)
+    chans = int(pc["input_size"][0])
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return model, tuple(pc["input_size"][1:]), chans, pc["mean"], pc["std"], patch, \
+        getattr(model, "output_fmt", "NCHW") == "NHWC"
+
+
+def _hf_file(name, filename):
+    if os.path.isdir(name):
+        return _read_json(os.path.join(name, filename))
+    try:
+        from huggingface_hub import hf_hub_download
+        return _read_json(hf_hub_download(name, filename))
+    except Exception:
+        return None
+
+
+def _load_hf(spec, name, random_init):
+    try:
+        import inspect
+
+        import transformers
+    except Exception as e:
+        raise EvalError(f"{spec} needs transformers: pip install transformers (import failed with {_first_line(e)})")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise EvalError(f"{name}: not a Hugging Face model folder (no config.json)")
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise EvalError(f"{name}: no such folder (hf: takes a local folder or a hub name like microsoft/rad-dino)")
+    transformers.utils.logging.disable_progress_bar()          # its per-tensor loading bar; warnings stay on
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+        model = (transformers.AutoModel.from_config(config) if random_init
+                 else transformers.AutoModel.from_pretrained(name))
+    except Exception as e:                                      # unknown name, offline, not a model, unknown type, ...
+        raise EvalError(f"{spec}: cannot load a model ({_first_line(e)})")
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        raise EvalError(f"{spec}: {type(model).__name__} is not an image encoder (it takes no pixel_values)")
+    pp = _hf_file(name, "preprocessor_config.json") or {}
+    size = getattr(config, "image_size", 224)
+    for key in ("crop_size", "size"):                           # the model's input size, as its processor sets it
+        v = pp.get(key) if key == "size" or pp.get("do_center_crop", True) else None
+        if isinstance(v, int) or (isinstance(v, dict) and ("height" in v or "shortest_edge" in v)):
+            size = v if isinstance(v, int) else (v["height"], v["width"]) if "height" in v else v["shortest_edge"]
+            break
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    norm = pp.get("do_normalize", True)
+    mean, std = (pp.get("image_mean", IMAGENET_MEAN), pp.get("image_std", IMAGENET_STD)) if norm else ([0.0], [1.0])
+    patch = getattr(config, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return model, size, int(getattr(config, "num_channels", 3)), mean, std, patch, False
+
+
+def load_external(spec, device="cpu", random_init=False, seed=0):
+    """timm:NAME (pretrained weights, downloaded once by timm), timm:FOLDER (config.json + weights, e.g. written by
+    `radjepa.py export`), hf:NAME (Hugging Face hub, e.g. hf:microsoft/rad-dino) or hf:FOLDER (a saved model, works
+    offline) -> ExternalEncoder. random_init=True: the same architecture with fresh weights (nothing downloaded for
+    timm; hf reads only config.json)."""
+    kind, name = spec.split(":", 1)
+    name = os.path.expanduser(name)
+    if not name:
+        raise EvalError(f"{spec}: give a model name or folder after '{kind}:'")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, size, chans, mean, std, patch, nhwc = (_load_timm if kind == "timm" else _load_hf)(spec, name,
+                                                                                                  random_init)
+    try:
+        return ExternalEncoder(spec, model, size, chans, mean, std, patch, nhwc).to(device)
+    except EvalError:
+        raise
+    except Exception as e:
+        raise EvalError(f"{spec}: a {size[0]}x{size[1]} px, {chans}-channel image does not run ({_first_line(e)})")
+
+
+def source_fingerprint(spec):
+    """Feature-cache key of an encoder source, by content (content_key): a checkpoint file's bytes; timm:/hf: the
+    name, plus for a local folder every file in it (new weights in the same folder give a new key)."""
+    if not is_external(spec):
+        return content_key(spec)
+    name = os.path.expanduser(spec.split(":", 1)[1])
+    return {"source": spec, **({"content": content_key(name)} if os.path.isdir(name) else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -870,6 +1089,7 @@ def make_report(m):
          f"checkpoint `{m['config']['ckpt']}`, data `{m['config']['data']}`, {m['config']['n_boot']} bootstrap "
          f"resamples over test patients, 95% percentile CIs. p = paired two-sided bootstrap p-value of "
          f"`{m['main']}` vs the named encoder (↑ significantly better, ↓ worse, at p < 0.05).", ""]
+    L += [f"- `{n}`: {src}" for n, src in m.get("encoders", {}).items()] + ([""] if m.get("encoders") else [])
     cls = m.get("classification", {})
     if cls:
         L += ["## Classification: macro means over labels", "",
@@ -951,7 +1171,10 @@ def make_report(m):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Frozen-encoder probes (classification + segmentation) for RadJEPA.")
-    p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt written by radjepa.py")
+    p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt written by radjepa.py, or an external encoder: "
+                   "timm:NAME (pretrained, e.g. timm:vit_base_patch14_dinov2.lvd142m), timm:FOLDER (config.json + "
+                   "weights, e.g. from `radjepa.py export`), hf:NAME or hf:FOLDER (e.g. hf:microsoft/rad-dino); "
+                   "external encoders run at their own resolution and normalisation, --img-size does not apply")
     p.add_argument("--data", required=True, help="a prepared folder (data_prep.py layout)")
     p.add_argument("--task", default="all", choices=["cls", "seg", "all"])
     p.add_argument("--probe", default=["all"], nargs="+", choices=["linear", "grid", "attentive", "all"],
@@ -959,7 +1182,8 @@ def parse_args(argv):
                         "mean-pooled per cell of a --grid x --grid partition (keeps coarse position), attentive (one "
                         "learned query), all")
     p.add_argument("--grid", type=int, default=4, help="cells per side of the grid probe's partition of the tokens")
-    p.add_argument("--compare", default="random", help="'random' or another checkpoint: the paired tests' reference")
+    p.add_argument("--compare", default="random", help="'random', another checkpoint, or timm:NAME_OR_DIR / "
+                   "hf:NAME_OR_DIR (as for --ckpt): the paired tests' reference")
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
     p.add_argument("--img-size", type=int, default=None, help="classification resolution (default: training size)")
     p.add_argument("--seg-img-size", type=int, default=None,
@@ -999,7 +1223,8 @@ def check_args(args):
         raise EvalError(f"--device {args.device!r}: must be auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device}: CUDA is not available here")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    out = args.out or (os.path.join("runs", "eval_" + "".join(c if c.isalnum() else "_" for c in args.ckpt))
+                       if is_external(args.ckpt) else os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval"))
     try:
         if os.path.exists(out) and not os.path.isdir(out):
             raise NotADirectoryError(0, "it is a file, not a folder")
@@ -1035,6 +1260,8 @@ def run(args):
 
     # --- encoders: the checkpoint's target encoder, a random-init twin, optionally another checkpoint -------------
     def load(path, **kw):
+        if is_external(path):                                     # timm:... / hf:... (section 3b)
+            return load_external(path, device=str(device), **kw)
         if not os.path.isfile(path):
             raise EvalError(f"{path}: no such checkpoint")
         try:
@@ -1046,13 +1273,24 @@ def run(args):
     if args.compare != "random":
         encoders["other"] = load(args.compare)
     compare_name = "random" if args.compare == "random" else "other"
+    sources = {n: e.describe() if isinstance(e, ExternalEncoder) else f"{p} (RadJEPA EMA target encoder)"
+               for n, e, p in (("jepa", encoders["jepa"], args.ckpt), ("other", encoders.get("other"), args.compare))
+               if e is not None}
+    sources = {"jepa": sources["jepa"], "random": f"the architecture of {args.ckpt}, randomly initialised (seed "
+               f"{args.random_seed})", **sources}                # the order of the report's tables
+    if not args.no_baselines:
+        sources["pixels"] = "raw pixels (the image downsampled for the linear probes, each patch's pixels as its token)"
+    for n, src in sources.items():
+        log(f"encoder {n}: {src}")
     enc0 = encoders["jepa"]
-    patch = enc0.patch_size
-    train_size = int(enc0.config.get("img_size", 224))
+    # sizes: a RadJEPA encoder's (external encoders run at their own; they set the sizes only when all are external)
+    ref = next((e for e in encoders.values() if not isinstance(e, ExternalEncoder)), enc0)
+    patch = ref.patch_size
+    train_size = int(ref.config.get("img_size", 224))
     cls_size = args.img_size or train_size
     seg_size = args.seg_img_size or max(train_size, 16 * patch)
     for name, enc in encoders.items():
-        for s in (cls_size, seg_size):
+        for s in (cls_size, seg_size) if not isinstance(enc, ExternalEncoder) else ():   # those resize themselves
             if s % enc.patch_size:
                 raise EvalError(f"image size {s} is not a multiple of the patch size {enc.patch_size} ({name})")
 
@@ -1073,18 +1311,18 @@ def run(args):
     # --- features, once per (encoder, resolution); raw pixels are recomputed (cheap) -----------------------------
     cache = os.path.join(out, "cache")
     data_fp = hashlib.sha256(images.numpy().data).hexdigest()     # the pixels themselves, in order
-    ckpt_key = {p: content_key(p) for p in {args.ckpt, args.compare}}    # content, not path + mtime
     ckpt_of = {"jepa": args.ckpt, "random": args.ckpt, "other": args.compare}
     feats = {}                                                     # (encoder, size) -> {"tokens", "pooled"}
     sizes = sorted({*([cls_size] if do_cls else []), *([seg_size] if do_seg else [])})   # one extraction per size
     for name, enc in encoders.items():
         for size in sizes:
             last4 = args.pool == "last4" and size == cls_size
-            key = {"ckpt": ckpt_key[ckpt_of[name]], "encoder": name, "random_seed": args.random_seed
-                   if name == "random" else None, "img_size": size, "pool": "last4" if last4 else "mean",
+            esize = enc.size[0] if isinstance(enc, ExternalEncoder) else size   # its own resolution, from the originals
+            key = {"ckpt": source_fingerprint(ckpt_of[name]), "encoder": name, "random_seed": args.random_seed
+                   if name == "random" else None, "img_size": esize, "pool": "last4" if last4 else "mean",
                    "data": data_fp, "n": len(images)}
             tok, pooled = cached_features(cache, key, lambda: extract_tokens(
-                enc, images, size, device, args.batch_size, last4, desc=f"features {name} @{size}"))
+                enc, images, esize, device, args.batch_size, last4, desc=f"features {name} @{esize}"))
             feats[(name, size)] = {"tokens": tok, "pooled": pooled}
     if not args.no_baselines:
         for size in sizes:
@@ -1104,7 +1342,7 @@ def run(args):
     pats = data["patients"][test_rows]
     groups = [np.flatnonzero(pats == p) for p in dict.fromkeys(pats)]       # positions within test, per patient
     resamples = bootstrap_indices(groups, args.n_boot, args.seed)
-    metrics = {"main": "jepa", "compare": compare_name, "labels": data["label_names"],
+    metrics = {"main": "jepa", "compare": compare_name, "encoders": sources, "labels": data["label_names"],
                "structures": data["structures"] if do_seg else []}
     probes = [p for p in ("linear", "grid", "attentive") if p in args.probe or "all" in args.probe]
 

@@ -19,6 +19,7 @@ What this file does differently from the official I-JEPA code (see ../shared/doc
 Run:   python radjepa.py --data cxr/                        (a folder of images, or a data_prep.py folder)
        python radjepa.py --data cxr/ --resume               (continue exactly where OUT/ckpt.pt stopped)
        torchrun --nproc_per_node=8 radjepa.py --data cxr/   (DDP; same global batch, same schedules)
+       python radjepa.py export OUT/ckpt.pt OUT/timm        (the encoder as a timm VisionTransformer folder)
 Import: from radjepa import load_encoder, sample_masks, ViT, Predictor   (importing starts nothing)
 """
 import argparse
@@ -122,7 +123,8 @@ RANGES = [("img_size patch width depth heads pred_width pred_depth n_targets min
 def parse_args(argv=None):
     """argv -> dict of the flags actually given (field name -> value). `--data cxr/` and `--data=cxr/` both work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="python radjepa.py export CKPT OUT_DIR: the encoder as a timm model folder")
     for f in fields(Config):
         flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"] + f" (default: {f.default})"
         if isinstance(f.default, bool):
@@ -782,6 +784,57 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
     return enc.to(device).eval().requires_grad_(False)
 
 
+def export_timm(ckpt_path, out_dir):
+    """The EMA target encoder as a folder that timm reads (no timm needed here): pytorch_model.bin, a plain state dict
+    with the key names of timm's VisionTransformer(in_chans=1, class_token=False, global_pool="avg", fc_norm=False,
+    num_classes=0), and config.json: architecture + model_args (enough to build it) and pretrained_cfg with the input
+    size and the one-channel mean/std. Our blocks are timm's (pre-norm, LayerNorm eps 1e-6, exact GELU, qkv laid out
+    [3, heads, Dh]), so only names change; the sin-cos table of the training grid becomes pos_embed [1, N, D]. timm
+    normalises outside the model: tokens = model.forward_features((x - mean) / std) == load_encoder(ckpt)(x)."""
+    ck = read_checkpoint(ckpt_path)
+    c, g = make_config({}, ck["config"]), ck["config"]["img_size"] // ck["config"]["patch"]
+    rename = (("patch_embed.", "patch_embed.proj."), (".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."))
+    sd = {}
+    for k, v in ck["target_encoder"].items():
+        for ours, theirs in rename:
+            k = k.replace(ours, theirs)
+        sd[k] = v.float().contiguous()
+    sd["pos_embed"] = sincos_pos_embed(g, g, c.width)[None]  # no class token -> no extra slot: [1, g*g, D]
+    args = dict(img_size=c.img_size, patch_size=c.patch, in_chans=1, embed_dim=c.width, depth=c.depth,
+                num_heads=c.heads, mlp_ratio=4.0, qkv_bias=True, class_token=False, no_embed_class=True,
+                global_pool="avg", fc_norm=False, num_classes=0)
+    arch = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 1024: "vit_large_patch16_224"}
+    cfg = dict(architecture=arch.get(c.width, "vit_base_patch16_224"), num_classes=0, num_features=c.width,
+               global_pool="avg", model_args=args,
+               pretrained_cfg=dict(input_size=[1, c.img_size, c.img_size], mean=[MEAN], std=[STD], crop_pct=1.0,
+                                   interpolation="bilinear", fixed_input_size=True, num_classes=0),
+               radjepa=dict(checkpoint=os.path.abspath(ckpt_path), step=ck.get("step"), config=ck["config"],
+                            note="timm interpolates pos_embed at other sizes; radjepa.sincos_pos_embed(gh, gw, D, "
+                                 f"ref=({g}, {g})) is the exact table (README: Use the weights elsewhere)"))
+    os.makedirs(out_dir, exist_ok=True)
+    save_atomic(sd, os.path.join(out_dir, "pytorch_model.bin"))
+    tmp = os.path.join(out_dir, f"config.json.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    return cfg
+
+
+def export_main(argv):
+    p = argparse.ArgumentParser(prog="radjepa.py export", description="the EMA target encoder as a timm "
+                                "VisionTransformer folder: pytorch_model.bin (timm key names) + config.json "
+                                "(architecture, model_args, input size, mean/std). README: Use the weights elsewhere")
+    p.add_argument("ckpt", help="OUT/ckpt.pt written by radjepa.py")
+    p.add_argument("out_dir", help="folder to write pytorch_model.bin and config.json into")
+    a = p.parse_args(argv)
+    try:
+        cfg = export_timm(a.ckpt, a.out_dir)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {str(e).splitlines()[0]}")
+    print(f"wrote {a.out_dir}/pytorch_model.bin and config.json ({cfg['architecture']} args, "
+          f"{cfg['model_args']['img_size']} px, patch {cfg['model_args']['patch_size']})")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training.
 
@@ -1079,4 +1132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    export_main(sys.argv[2:]) if sys.argv[1:2] == ["export"] else main()
