@@ -227,9 +227,12 @@ def main(argv=None):
              parts={})
     log(f"gpu_check: {s['machine']}, torch {torch.__version__}, budget {args.budget:.0f} s, out {out}")
     if cuda:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True)
-        log(f"nvidia-smi: {smi.stdout.strip() or smi.stderr.strip()}")
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,power.limit",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            log(f"nvidia-smi: {smi.stdout.strip() or smi.stderr.strip()}")
+        except (OSError, subprocess.SubprocessError) as e:
+            log(f"nvidia-smi: not available ({e})")
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
     try:
         if "kernels" not in args.skip:
