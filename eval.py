@@ -75,7 +75,7 @@ SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmenta
 # (the clearest win at 1,000 steps), read at twice the training resolution (the default of --img-size and
 # --seg-img-size under --quick), and drops the slow attentive probe. Flags given explicitly win over these values.
 QUICK = dict(probe=["linear", "grid"], seg_epochs=15, n_boot=500, mask_size=64)
-# The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md section 8: 200 quick-
+# The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md section 9: 200 quick-
 # start steps of 32, grid probe at 2x resolution, p = 0.04); shorter checkpoints get a warning, and a verdict
 # without a win says why.
 MIN_IMAGES_TO_WIN = 6400

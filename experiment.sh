@@ -9,6 +9,8 @@
 #   bash experiment.sh cpu   [OUT]   # the benchmark on 2 CPU cores, about 60-65 minutes
 #   bash experiment.sh cpu-long [OUT] # the same with 2,000 pretraining steps instead of 1,000, about 70 minutes
 #   bash experiment.sh gpu   [OUT]   # GPU scale (more images, larger model, more steps): sized for <= 10 min on an H200
+#   bash experiment.sh gpu-check OUT # GPU: kernels bench + loss curves triton/compile vs torch + end-to-end benchmark,
+#                                    # one call of <= 9 min into one flat folder (python -m kernels.gpu_check)
 #
 # Re-running is cheap: the dataset is kept if OUT/data/meta.json exists, pretraining resumes from OUT/jepa/ckpt.pt
 # (a finished run is not repeated), and eval.py reuses its cached features.
@@ -17,6 +19,7 @@ cd "$(dirname "$0")"
 MODE="${1:-cpu}"
 OUT="${2:-runs/experiment_$MODE}"
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+if [ "$MODE" = gpu-check ]; then exec "$PY" -m kernels.gpu_check --out "$OUT"; fi
 
 # Sizes per mode, and why (measurements in BENCHMARKS.md):
 # - patch 16, pretraining at 128 px (8x8 = 64 tokens): enough grid for 4 target blocks of 15-20% plus a context, and
@@ -59,7 +62,7 @@ case "$MODE" in
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
           --batch-size 256 --device cuda) ;;
   *)
-    echo "usage: bash experiment.sh smoke|cpu|cpu-long|gpu [OUT]" >&2; exit 2 ;;
+    echo "usage: bash experiment.sh smoke|cpu|cpu-long|gpu|gpu-check [OUT]" >&2; exit 2 ;;
 esac
 
 mkdir -p "$OUT"

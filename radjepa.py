@@ -21,6 +21,7 @@ Import: from radjepa import load_encoder, sample_masks, ViT, Predictor   (import
 """
 import argparse
 import io
+import itertools
 import json
 import math
 import os
@@ -175,19 +176,26 @@ class Seqs:
       cu      = [0, 3, 5]                 sequence s is rows cu[s]:cu[s+1] of the packed [T, D] tensor
       pad_idx = [[0, 1, 2], [3, 4, 4]]    [S, Lmax]: the packed row behind each slot of a padded [S, Lmax] batch
       valid   = [[1, 1, 1], [1, 1, 0]]    [S, Lmax]: real slots (b's 3rd slot repeats row 4 as filler)
-    attention_torch pads with pad_idx, masks padded keys with valid and unpads with valid; Triton reads cu."""
+    attention_torch pads with pad_idx, masks padded keys with valid and unpads with valid; Triton reads cu.
+    Built from CPU lengths and copied to the device pinned + non-blocking: no syncs."""
 
     def __init__(self, lengths, device):
-        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()  # built on the CPU: no device syncs per step
-        self.lengths, self.n, self.max_len = lengths.tolist(), len(lengths), int(lengths.max())
-        cu = F.pad(lengths.cumsum(0), (1, 0))  # [S+1]
-        self.cu = cu.to(torch.int32).to(device)
-        self.uniform = int(lengths.min()) == self.max_len  # all equal (the target encoder): a plain reshape will do
-        if not self.uniform:
-            j = torch.arange(self.max_len)
-            self.valid = (j[None, :] < lengths[:, None]).to(device)  # [S, Lmax] which padded slots hold a token
-            pad_idx = cu[:-1, None] + j[None, :]  # [S, Lmax] packed row of each padded slot
-            self.pad_idx = pad_idx.clamp(max=int(cu[-1]) - 1).to(device)
+        self.lengths = lengths.tolist() if torch.is_tensor(lengths) else [int(n) for n in lengths]  # CPU: no sync
+        self.n, self.max_len = len(self.lengths), max(self.lengths)
+        cu = torch.tensor([0] + list(itertools.accumulate(self.lengths)))  # [S+1]
+        self.cu = to_device(cu.to(torch.int32), device)
+        self.uniform = min(self.lengths) == self.max_len  # all equal (the target encoder): a plain reshape will do
+        if not self.uniform and OPS["attention"] is attention_torch:  # the Triton path reads cu only
+            j, lens, T = torch.arange(self.max_len), torch.tensor(self.lengths), sum(self.lengths)
+            self.valid = to_device(j[None, :] < lens[:, None], device)  # [S, Lmax] which padded slots hold a token
+            self.pad_idx = to_device((cu[:-1, None] + j[None, :]).clamp(max=T - 1), device)  # [S, Lmax] packed rows
+            seq = torch.repeat_interleave(torch.arange(self.n), lens, output_size=T)  # [T] each token's sequence
+            self.unpad = to_device(seq, device), to_device(torch.arange(T) - cu[seq], device)  # ... and slot in it
+
+
+def to_device(t, device):
+    """CPU tensor -> device. On CUDA from pinned memory, non-blocking: the host queues the copy and moves on."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 
 def attention_torch(q, k, v, seqs):
@@ -199,7 +207,7 @@ def attention_torch(q, k, v, seqs):
     q, k, v = (t[seqs.pad_idx].transpose(1, 2) for t in (q, k, v))  # [S, Lmax, H, Dh] -> [S, H, Lmax, Dh]
     key_mask = seqs.valid[:, None, None, :]  # [S, 1, 1, Lmax]: padded keys get no attention weight
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # padded *query* rows are computed, then dropped
-    return o.transpose(1, 2)[seqs.valid]  # [S, Lmax, H, Dh][valid] -> [T, H, Dh] in packed order
+    return o.transpose(1, 2)[seqs.unpad]  # [S, Lmax, H, Dh] at (seq, slot) -> [T, H, Dh]; no bool mask (a sync)
 
 
 def gather_torch(x, idx, pos):
@@ -326,6 +334,8 @@ class ViT(nn.Module):
         super().__init__()
         self.patch_size, self.embed_dim, self.depth = patch, width, depth
         self.ref_grid = ref_grid  # (gh, gw) at training resolution: other grids are scaled to it (sincos_pos_embed)
+        # the training grid's table lives on the device (no per-step build + copy); not saved in checkpoints
+        self.register_buffer("pos", sincos_pos_embed(*ref_grid, width) if ref_grid else None, persistent=False)
         self.patch_embed = nn.Conv2d(1, width, kernel_size=patch, stride=patch)  # one channel: X-rays are gray
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
@@ -343,7 +353,9 @@ class ViT(nn.Module):
         x = self.patch_embed((x - MEAN) / STD)  # [B, D, gh, gw]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
-        pos = sincos_pos_embed(gh, gw, self.embed_dim, self.ref_grid).to(x)  # [N, D]; added before masking (I-JEPA)
+        pos = self.pos if self.ref_grid and (gh, gw) == tuple(self.ref_grid) else sincos_pos_embed(
+            gh, gw, self.embed_dim, self.ref_grid).to(x.device)  # [N, D] fp32, added before masking (I-JEPA): under
+        # bf16 autocast x + pos is fp32, so the residual stream stays fp32 (only matmul inputs are bf16), as officially
         if keep is None:
             h, seqs = (x + pos).flatten(0, 1), Seqs([gh * gw] * B, x.device)  # [B*N, D], B sequences of N
         else:
@@ -369,9 +381,10 @@ class Predictor(nn.Module):
     patch]. Context tokens carry their encoder features; mask tokens are one learned vector plus the position of the
     patch to predict, so the blocks never see each other. B images x 4 blocks -> 4B packed sequences."""
 
-    def __init__(self, enc_width=768, width=384, depth=6, heads=12):
+    def __init__(self, enc_width=768, width=384, depth=6, heads=12, grid=None):
         super().__init__()
-        self.width = width
+        self.width, self.grid = width, tuple(grid) if grid else None
+        self.register_buffer("pos", sincos_pos_embed(*grid, width) if grid else None, persistent=False)  # as in ViT
         self.embed = nn.Linear(enc_width, width)
         self.mask_token = nn.Parameter(torch.zeros(width))  # 1-D: no weight decay, like biases
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
@@ -384,7 +397,7 @@ class Predictor(nn.Module):
         """ctx [T_ctx, D_enc] packed encoder output; mb = the batch's index tensors (see collate); grid = (gh, gw).
         Returns predictions [T_tgt, D_enc] in the order of mb["tgt_idx"]."""
         N = grid[0] * grid[1]
-        pos = sincos_pos_embed(*grid, self.width).to(ctx)  # [N, W]
+        pos = self.pos if tuple(grid) == self.grid else sincos_pos_embed(*grid, self.width).to(ctx.device)  # [N, W]
         c = self.embed(ctx) + pos[mb["ctx_idx"] % N]  # [T_ctx, W] context tokens at their positions
         m = self.mask_token + pos[mb["tgt_idx"] % N]  # [T_tgt, W] one mask token per target patch
         # rows 0..T_ctx-1 of cat are context tokens, the rest mask tokens; pred_idx copies image b's context rows
@@ -467,7 +480,7 @@ def pack_masks(masks, N):
 def batch_to(mb, device):
     """Move the index tensors to the device and build the two Seqs (context encoder, predictor)."""
     seqs = dict(ctx_seqs=Seqs(mb["ctx_len"], device), pred_seqs=Seqs(mb["pred_len"], device))  # from CPU lengths
-    mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+    mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and "_len" not in k else v for k, v in mb.items()}
     return {**mb, **seqs}
 
 
@@ -868,16 +881,51 @@ def param_groups(*modules):
             dict(params=[p for p in ps if p.ndim < 2], wd_scale=0.0)]
 
 
+def train_step(enc, pred, target, opt, mb, grid, m, clip=0.0, autocast=nullcontext(), check=True):
+    """One optimisation step on a batch already on the device (enc, pred may be DDP-wrapped). Returns the loss (mean
+    over all processes), grad norm and target features [B, N, D] as device tensors: nothing here waits for the
+    device unless check=True, which raises FloatingPointError on a non-finite loss *before* the weights change."""
+    with autocast:
+        # Step 1. targets: the EMA encoder sees the full image; no gradients flow here.
+        with torch.no_grad():
+            h = target(mb["imgs"])  # [B, N, D]
+        # Step 2. predictions: encode the context patches, predict every target patch.
+        z = pred(enc(mb["imgs"], mb["ctx_idx"], mb["ctx_seqs"]), mb, grid)  # [T_tgt, D]
+        # Step 3. loss on layer-normed target features at the target patches (normalised inside OPS).
+        loss = OPS["loss"](z, h, mb["tgt_idx"])
+    share, ddp = 1.0, isinstance(enc, nn.parallel.DistributedDataParallel)
+    if ddp:  # weight each process's mean by its share of target
+        n = torch.tensor([0.0 if "stand_in" in mb else float(len(mb["tgt_idx"]))], device=loss.device)  # tokens:
+        n_all = n.clone()                       # the DDP gradient average is then the gradient of the global mean
+        dist.all_reduce(n_all)                  # (a stand-in batch of an unreadable share weighs nothing)
+        share = n * dist.get_world_size() / n_all.clamp_min(1)
+    opt.zero_grad(set_to_none=True)
+    (loss * share).backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    loss = (loss.detach() * share).reshape(1)
+    if ddp:
+        dist.all_reduce(loss)
+        loss /= dist.get_world_size()
+    if check and not torch.isfinite(loss).all():  # a sync: cheap insurance against corrupt weights and checkpoints
+        raise FloatingPointError(f"loss is {loss.item()}")
+    opt.step()
+    # Step 4. the target encoder follows the encoder slowly.
+    ema_update(target, getattr(enc, "module", enc), m)
+    return loss[0], gnorm, h
+
+
 def train(c: Config):
     ddp, rank, world, device = setup_distributed(c)
     master = rank == 0
     ckpt_path = os.path.join(c.out, "ckpt.pt")
     torch.manual_seed(c.seed)
+    grid = (c.img_size // c.patch,) * 2
     encoder = build_encoder(c).to(device)
-    predictor = Predictor(c.width, c.pred_width, c.pred_depth, c.heads).to(device)
+    predictor = Predictor(c.width, c.pred_width, c.pred_depth, c.heads, grid).to(device)
     target = build_encoder(c).to(device).requires_grad_(False)  # the EMA copy: never trained, never DDP-wrapped
     target.load_state_dict(encoder.state_dict())
-    opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999), fused=True)  # fused: fast
     step = 0
     if c.resume and os.path.exists(ckpt_path):
         try:
@@ -902,7 +950,6 @@ def train(c: Config):
     triton = resolve_kernels(c.kernels, device, head_dims)
     use_kernels(triton, check=dict(width=c.width, head_dims=head_dims, device=device))
     paths = list_images(c.data, c.out)
-    grid = (c.img_size // c.patch,) * 2
     sampler = StepBatches(len(paths), c.batch_size, c.seed, step, c.stop_at or c.steps, rank, world)
     loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, collate_fn=Collate(c),
                                          num_workers=c.workers, pin_memory=device.type == "cuda")
@@ -912,7 +959,8 @@ def train(c: Config):
     enc, pred = encoder, predictor  # we save the raw modules, never the DDP wrappers (no `module.` prefixes)
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
-        enc, pred = (nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in (enc, pred))
+        enc, pred = (nn.parallel.DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)  # buffers:
+                     for m in (enc, pred))                                  # constant pos tables, nothing to sync
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # no scaler
 
     def checkpoint(at):
@@ -955,56 +1003,28 @@ def train(c: Config):
             if mb["imgs"] is None:  # every process must run each step's collectives: a stand-in that weighs nothing
                 mb = {**Collate(c)([(torch.zeros(1, c.img_size, c.img_size), None, 0)]), "stand_in": True}
             mb = batch_to(mb, device)
-            imgs = mb["imgs"]
             lr, wd, m = lr_at(step, c), wd_at(step, c), ema_at(step, c)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
-            # ---- TRAINING STEP BEGIN ----
-            with autocast:
-                # Step 1. targets: the EMA encoder sees the full image; no gradients flow here.
-                with torch.no_grad():
-                    h = target(imgs)  # [B, N, D]
-                # Step 2. predictions: encode the context patches, predict every target patch.
-                z = pred(enc(imgs, mb["ctx_idx"], mb["ctx_seqs"]), mb, grid)  # [T_tgt, D]
-                # Step 3. loss on layer-normed target features at the target patches (normalised inside OPS).
-                loss = OPS["loss"](z, h, mb["tgt_idx"])
-            # With several processes, weight each one's mean by its share of target tokens, so that the DDP gradient
-            # average equals the gradient of the mean over the global batch, as with one process.
-            n_loc = torch.tensor([0.0 if "stand_in" in mb else float(len(mb["tgt_idx"]))], device=device)
-            n_all = n_loc.clone()
-            if ddp:
-                dist.all_reduce(n_all)
-            n_all = n_all.clamp_min(1)  # (0 only if every process holds a stand-in)
-            scaled = loss * (n_loc * world / n_all)
-            opt.zero_grad(set_to_none=True)
-            scaled.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(list(encoder.parameters()) + list(predictor.parameters()),
-                                                   c.clip if c.clip > 0 else float("inf"))
-            global_loss = (loss.detach() * n_loc / n_all).reshape(1)
-            if ddp:
-                dist.all_reduce(global_loss)
-            if not torch.isfinite(global_loss).all():  # one sync per step: cheap insurance against corrupt weights
-                raise FloatingPointError(f"loss is {global_loss.item()} at step {step}")
-            with whole_step():  # Ctrl-C here waits for the three lines: a checkpoint never holds half a step
-                opt.step()
-                # Step 4. the target encoder follows the encoder slowly.
-                ema_update(target, encoder, m)
+            end = c.stop_at or c.steps  # the loss is checked (a device sync) only where we log or checkpoint:
+            check = (step + 1) % c.log_every == 0 or (step + 1) % c.ckpt_every == 0 or step + 1 == end
+            with whole_step():  # Ctrl-C waits for the step and its count: a checkpoint never holds half a step
+                loss, gnorm, h = train_step(enc, pred, target, opt, mb, grid, m, c.clip, autocast, check)
                 step += 1
-            # ---- TRAINING STEP END ----
             with torch.no_grad():  # collapse indicator: per-dimension std across the batch of pooled target features
-                stats["std"] += h.float().mean(1).std(0).mean().item() if len(h) > 1 else 0.0
-            stats["loss"] += global_loss.item()
-            stats["ctx"] += mb["ctx_len"].float().mean().item()
-            stats["tgt"] += mb["tgt_len"].float().mean().item()
+                stats["std"] += h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
+            stats["loss"] += loss  # device tensors: read on log steps only
+            stats["ctx"] += mb["ctx_len"].numpy().mean()  # lengths stay on the CPU (batch_to)
+            stats["tgt"] += mb["tgt_len"].numpy().mean()
             stats["n"] += 1
-            imgs_since += len(imgs) * world
+            imgs_since += len(mb["imgs"]) * world
             bar.update(1)
             if master and (step % c.log_every == 0 or step == (c.stop_at or c.steps)):
                 dt = time.time() - t0
                 n = stats["n"]
-                rec = dict(type="train", step=step, loss=stats["loss"] / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
+                rec = dict(type="train", step=step, loss=float(stats["loss"]) / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
                            img_per_s=imgs_since / dt, ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
-                           target_std=stats["std"] / n, skipped_files=len(seen_bad), time=time.time(),
+                           target_std=float(stats["std"]) / n, skipped_files=len(seen_bad), time=time.time(),
                            # this step's target tokens, <= 4096 of them: how many directions the features use
                            target_erank=effective_rank(h.reshape(-1, h.shape[-1])[:4096]))
                 with open(os.path.join(c.out, "log.jsonl"), "a") as f:
@@ -1018,7 +1038,7 @@ def train(c: Config):
                 checkpoint(step)
     except FloatingPointError as e:
         bar.close()
-        raise SystemExit(f"error: {e}. Stopping without saving: {ckpt_path} still holds the last good checkpoint. "
+        raise SystemExit(f"error: {e} at step {step}. Stopping without saving: {ckpt_path} still holds the last good checkpoint. "
                          f"Try a lower --lr, longer --warmup or --clip 1.0.")
     except KeyboardInterrupt:
         if master:
