@@ -9,6 +9,7 @@ procedurally generated chest-radiograph phantoms, so the whole pipeline runs on 
     python data_prep.py nih ~/data/ChestX-ray14 prep_nih/ --workers 8
     python data_prep.py chexpert ~/data/CheXpert-v1.0-small prep_cx/ --uncertain mixed --frontal-only
     python data_prep.py folder /mnt/pacs_export prep_site/           # any tree of PNG/JPEG/TIFF/DICOM
+    python data_prep.py iu_xray ~/data/iu_xray prep_iu/              # Open-i XML reports + PNGs -> with reports.csv
     python data_prep.py bench /tmp/bench                             # conversion + loader throughput
 
 Prepared layout (OUT/):
@@ -16,6 +17,7 @@ Prepared layout (OUT/):
     masks/<structure>/<id>.png 0/255, same S x S geometry as the image; absent file = no mask for that image.
     labels.csv                 image,patient,split,<label>...   cells 1 / 0 / empty (= unknown)
     info.csv                   image,sex,age,view              (only where the source has them)
+    reports.csv                image,findings,impression       (only where the source has reports; UTF-8)
     meta.json                  source, size, labels, structures, counts and prevalence per split, uncertain
                                policy, every skipped file with its reason.
     params.json                source, SRC, size, seed, modality: written before the first image; a later run into
@@ -466,7 +468,13 @@ def run_conversion(tasks, out, size, workers, source, labels, structures, skippe
             pool.terminate()
             pool.join()
     done = [t for t in tasks if t["id"] not in failed and (out / "images" / (t["id"] + ".png")).exists()]
-    write_outputs(out, done, source, size, labels, structures, skipped, extra_meta or {})
+    extra_meta = dict(extra_meta or {})
+    report_skipped = extra_meta.pop("report_skipped", None)        # None: this source/run has no reports at all
+    if report_skipped is not None or any("report" in t for t in tasks):
+        extra_meta["reports"] = {**write_reports(out, done), "skipped": report_skipped or []}
+    elif (out / "reports.csv").exists():                            # an earlier run's reports do not belong to this one
+        (out / "reports.csv").unlink()
+    write_outputs(out, done, source, size, labels, structures, skipped, extra_meta)
     return done
 
 
@@ -589,8 +597,12 @@ def src_chexpert(src, args):
                           "split": "test" if split_kind == "test" else train_or_val(patient), "labels": labels,
                           "info": {"sex": r.get("Sex", ""), "age": r.get("Age", ""),
                                    "view": r.get("AP/PA", "") or r["Frontal/Lateral"]}})
-    return tasks, CHEXPERT_LABELS, [], skipped, {"uncertain_policy": args.uncertain,
-                                                 "split_note": "valid.csv -> test; train.csv -> train/val by patient hash"}
+    extra = {"uncertain_policy": args.uncertain, "split_note": "valid.csv -> test; train.csv -> train/val by patient hash"}
+    if getattr(args, "reports", None):
+        if not Path(args.reports).is_file():
+            raise PrepError(f"--reports {args.reports}: not a file (give the CheXpert Plus CSV)")
+        extra["report_skipped"] = attach_chexpert_plus_reports(tasks, src, args.reports)
+    return tasks, CHEXPERT_LABELS, [], skipped, extra
 
 
 def src_mimic(src, args):
@@ -622,7 +634,14 @@ def src_mimic(src, args):
             continue
         tasks.append({"id": safe_id(did), "src": str(path), "reader": "auto", "patient": sid, "split": split,
                       "labels": labels, "info": {"view": view}})
-    return tasks, label_names, [], skipped, {"uncertain_policy": args.uncertain, "labeler": args.labeler}
+    extra = {"uncertain_policy": args.uncertain, "labeler": args.labeler}
+    reports = getattr(args, "reports", None)
+    if reports and not Path(reports, "files").is_dir():
+        raise PrepError(f"--reports {reports}: no files/ folder in it (give the mimic-cxr-reports root)")
+    report_skipped = attach_mimic_reports(tasks, src, reports)
+    if report_skipped is not None:
+        extra["report_skipped"] = report_skipped
+    return tasks, label_names, [], skipped, extra
 
 
 def src_vindr(src, args):
@@ -807,9 +826,191 @@ def src_folder(src, args):
     return tasks, [], [], skipped, {}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Radiology reports -> OUT/reports.csv (image, findings, impression), joined to labels.csv on `image`.
+# A source attaches {"findings", "impression"} to a task as task["report"]; an image whose report is missing, empty
+# or has no recognisable section keeps its labels, gets no report, and is named in meta.json["reports"]["skipped"].
+# MIMIC: one free-text file per study (files/pXX/pNNNNNNNN/sNNNNNNNN.txt), attached to every image of the study.
+# IU X-ray: one XML per study. CheXpert: the CheXpert Plus CSV (--reports). Synthetic: written from the phantom.
+
+# "FINDINGS:", "IMPRESSION:", "FINDINGS AND IMPRESSION:" ... at the start of a line (MIMIC's header style).
+REPORT_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]*[A-Z)])[ \t]*:", re.M)
+FINDINGS_HEADERS = {"FINDINGS", "FINDING"}
+IMPRESSION_HEADERS = {"IMPRESSION", "IMPRESSIONS", "CONCLUSION", "CONCLUSIONS"}
+BOTH_HEADERS = {"FINDINGS AND IMPRESSION", "FINDINGS/IMPRESSION", "IMPRESSION AND FINDINGS", "FINDINGS & IMPRESSION"}
+
+
+def read_report_text(path):
+    """Bytes -> str: UTF-8, or Latin-1 when a byte is not UTF-8 (old exports), so one odd byte never loses a report."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def clean_text(text):
+    return " ".join(text.split())
+
+
+def report_sections(text):
+    """Free-text report -> ({"findings", "impression"}, None) or (None, skip reason). A "FINDINGS AND IMPRESSION"
+    section fills both fields; a report with an impression only has empty findings."""
+    if not text.strip():
+        return None, "empty file"
+    heads = list(REPORT_HEADER.finditer(text))
+    sec = {}
+    for i, h in enumerate(heads):
+        body = clean_text(text[h.end():heads[i + 1].start() if i + 1 < len(heads) else len(text)])
+        name = " ".join(h.group(1).split())
+        for field, names in (("findings", FINDINGS_HEADERS | BOTH_HEADERS), ("impression", IMPRESSION_HEADERS | BOTH_HEADERS)):
+            if name in names and body:
+                sec[field] = (sec.get(field, "") + " " + body).strip()
+    if not sec:
+        return None, "no FINDINGS or IMPRESSION section"
+    return {"findings": sec.get("findings", ""), "impression": sec.get("impression", "")}, None
+
+
+def attach_report(task, path, parsed, skipped):
+    """parsed = (report, reason) from report_sections, or None when the file is missing."""
+    report, reason = parsed if parsed else (None, "file not found")
+    if report:
+        task["report"] = report
+    else:
+        skipped.append({"file": str(path), "image": task["id"], "reason": reason})
+
+
+def attach_mimic_reports(tasks, src, reports_dir):
+    """MIMIC-CXR reports: REPORTS_DIR/files/pXX/pNNNNNNNN/sNNNNNNNN.txt (the mimic-cxr-reports download), or the same
+    path beside the JPGs when reports_dir is None. Each file is read once per study. Returns the skips, or None when
+    no report was asked for and none lies beside the JPGs (a plain MIMIC-CXR-JPG download has no reports)."""
+    root = Path(reports_dir) if reports_dir else Path(src)
+    path_of = lambda t: root / "files" / Path(t["src"]).parent.relative_to(Path(src) / "files").with_suffix(".txt")  # noqa: E731
+    paths = {t["id"]: path_of(t) for t in tasks}
+    if reports_dir is None and not any(p.is_file() for p in paths.values()):
+        return None
+    cache, skipped = {}, []
+    for t in tasks:
+        p = paths[t["id"]]
+        if p not in cache:
+            cache[p] = report_sections(read_report_text(p)) if p.is_file() else None
+        attach_report(t, p, cache[p], skipped)
+    return skipped
+
+
+def attach_chexpert_plus_reports(tasks, src, csv_path):
+    """CheXpert Plus (df_chexpert_plus_*.csv): path_to_image, section_findings, section_impression per image. Paths are
+    matched without the dataset-name prefix and the extension (CheXpert Plus ships PNGs of the same JPGs)."""
+    rows = read_csv(csv_path, ["path_to_image", "section_findings", "section_impression"])
+    key = lambda p: str(Path(*[q for q in Path(p).parts if not q.startswith("CheXpert")]).with_suffix(""))  # noqa: E731
+    by_path = {key(r["path_to_image"]): r for r in rows}
+    skipped = []
+    for t in tasks:
+        r = by_path.get(key(os.path.relpath(t["src"], src)))
+        if r is None:
+            attach_report(t, csv_path, (None, "no row for this image in the reports CSV"), skipped)
+            continue
+        rep = {"findings": clean_text(r["section_findings"]), "impression": clean_text(r["section_impression"])}
+        attach_report(t, csv_path, (rep, None) if any(rep.values()) else (None, "no FINDINGS or IMPRESSION text"),
+                      skipped)
+    return skipped
+
+
+# IU X-ray (Open-i): labels from the report's MeSH "major" terms. A term is "Heading/qualifier/qualifier"; its heading
+# (before the first '/') maps to a label when the meaning is clear. "normal" = every label 0. Headings not listed
+# (e.g. "Calcified Granuloma", "Spine", "Aorta") are findings outside the label set: they set no label. A report
+# indexed only as "No Indexing" has unknown labels (empty cells).
+IU_MESH_LABELS = {"Atelectasis": "Atelectasis", "Pulmonary Atelectasis": "Atelectasis",
+                  "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+                  "Edema": "Edema", "Pulmonary Edema": "Edema",
+                  "Pleural Effusion": "Effusion", "Emphysema": "Emphysema", "Pulmonary Emphysema": "Emphysema",
+                  "Fractures, Bone": "Fracture", "Hernia, Hiatal": "Hernia", "Hernia": "Hernia",
+                  "Mass": "Mass", "Nodule": "Nodule", "Opacity": "Opacity", "Pneumonia": "Pneumonia",
+                  "Pneumothorax": "Pneumothorax"}
+IU_LABELS = sorted(set(IU_MESH_LABELS.values()))
+
+
+def parse_iu_xml(path):
+    """One ecgen-radiology/*.xml -> dict(report_id, findings, impression, mesh [major terms], images [(id, view)]).
+    View: 'frontal'/'lateral' from a parentImage caption naming exactly one view, else by position (the first
+    image of a study is the frontal one, the others lateral: the pairing convention of the Open-i exports)."""
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring(read_report_text(path).lstrip("\ufeff").encode("utf-8"))
+    text = lambda e: clean_text("".join(e.itertext())) if e is not None else ""  # noqa: E731
+    sections = {(e.get("Label") or "").upper(): text(e) for e in root.iter("AbstractText")}
+    uid = root.find("uId")
+    images = []
+    for i, im in enumerate(root.iter("parentImage")):
+        cap = text(im.find("caption")).lower()
+        frontal, lateral = bool(re.search(r"\b(pa|ap|frontal)\b", cap)), "lateral" in cap
+        view = ("frontal" if frontal else "lateral") if frontal != lateral else ("frontal" if i == 0 else "lateral")
+        if im.get("id"):
+            images.append((im.get("id"), view))
+    return {"report_id": uid.get("id") if uid is not None and uid.get("id") else Path(path).stem,
+            "findings": sections.get("FINDINGS", ""), "impression": sections.get("IMPRESSION", ""),
+            "mesh": [text(m) for m in root.iter("major")], "images": images}
+
+
+def iu_labels(mesh):
+    heads = {m.split("/")[0].strip() for m in mesh if m.strip()}
+    if not heads or heads <= {"No Indexing"}:
+        return {l: "" for l in IU_LABELS}
+    found = {IU_MESH_LABELS[h] for h in heads if h in IU_MESH_LABELS}
+    return {l: "1" if l in found else "0" for l in IU_LABELS}
+
+
+def src_iu_xray(src, args):
+    """Open-i Indiana University chest X-rays: SRC/ecgen-radiology/*.xml (NLMCXR_reports) and PNGs anywhere under SRC
+    (NLMCXR_png/CXR1_1_IM-0001-3001.png). Patient = report id (the collection has no patient ids). Optional
+    SRC/indiana_projections.csv (Kaggle re-export: filename, projection) overrides the view of an image."""
+    xmls = sorted(Path(src).rglob("*.xml"), key=lambda p: (len(p.stem), p.stem))
+    if not xmls:
+        raise PrepError(f"{src}: no ecgen-radiology/*.xml report files found")
+    pngs = index_files(src, {".png"})
+    proj_f = find_file(src, "indiana_projections.csv")
+    proj = {os.path.splitext(r["filename"])[0].removesuffix(".dcm"): r["projection"].lower()
+            for r in read_csv(proj_f, ["filename", "projection"])} if proj_f else {}
+    tasks, skipped, report_skipped = [], [], []
+    for x in xmls:
+        try:
+            rep = parse_iu_xml(x)
+        except Exception as e:  # ParseError, or anything else in one file: skip that study only
+            skipped.append({"file": str(x), "reason": f"unreadable XML ({type(e).__name__}: {e})"})
+            continue
+        labels = iu_labels(rep["mesh"])
+        for iid, view in rep["images"]:
+            view = proj.get(iid, view)
+            if args.views == "frontal" and view != "frontal":
+                continue
+            if iid not in pngs:
+                skipped.append({"file": iid + ".png", "reason": f"listed in {x.name} but image file not found"})
+                continue
+            t = {"id": safe_id(iid), "src": pngs[iid], "reader": "auto", "patient": rep["report_id"], "split": None,
+                 "labels": labels, "info": {"view": view}}
+            body = {"findings": rep["findings"], "impression": rep["impression"]}
+            attach_report(t, x, (body, None) if any(body.values()) else (None, "no FINDINGS or IMPRESSION text"),
+                          report_skipped)
+            tasks.append(t)
+    return tasks, IU_LABELS, [], skipped, {"views": args.views, "report_skipped": report_skipped,
+                                           "label_source": "MeSH major terms (data_prep.IU_MESH_LABELS)"}
+
+
+def write_reports(out, tasks):
+    """OUT/reports.csv: image,findings,impression for every converted image that has a report (UTF-8)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "findings", "impression"])
+    rows = [t for t in sorted(tasks, key=lambda t: t["id"]) if t.get("report")]
+    w.writerows([f"images/{t['id']}.png", t["report"]["findings"], t["report"]["impression"]] for t in rows)
+    path = Path(out) / "reports.csv"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+    return {"n_images_with_report": len(rows), "n_images_without": len(tasks) - len(rows)}
+
 SOURCES = {"nih": src_nih, "chexpert": src_chexpert, "mimic": src_mimic, "vindr": src_vindr, "rsna": src_rsna,
            "siim": src_siim, "montgomery": src_montgomery, "shenzhen": src_shenzhen, "jsrt": src_jsrt,
-           "folder": src_folder}
+           "folder": src_folder, "iu_xray": src_iu_xray}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -908,6 +1109,79 @@ def sample_findings(rng, a):
     return f
 
 
+# Reports faithful to what was rendered: each statement below has several phrasings, picked by the image's own
+# report rng, so the text varies like real dictation while every word stays true. Sides are the patient's (x > 0 is
+# the image right = the patient's left), sizes are tertiles of the sampled size parameter, zones are thirds of the
+# lung height (apex to dome) at the finding's centre. Absent findings get a normal statement.
+SYNTH_SIZES = {"Effusion": ("h", 0.08, 0.30), "Nodule": ("r", 0.022, 0.05), "Pneumothorax": ("k", 1.12, 1.4),
+               "Consolidation": ("r", 0.09, 0.17)}                      # the sampling ranges of sample_findings
+SYNTH_PHRASES = {
+    "heart_normal": ["The heart size is normal.", "Heart size is within normal limits.",
+                     "The cardiac silhouette is normal in size.", "Normal heart size."],
+    "heart_big": ["The heart is {deg}ly enlarged.", "{Deg} cardiomegaly.", "The cardiac silhouette is {deg}ly enlarged."],
+    "Effusion": ["{Size} {side} pleural effusion.", "There is a {size} {side} pleural effusion.",
+                 "{Size} {side} pleural effusion blunting the costophrenic angle."],
+    "Effusion_both": ["{Size} bilateral pleural effusions.", "There are {size} bilateral pleural effusions."],
+    "Nodule": ["There is a {size} nodule in the {side} {zone} zone.", "{Size} {side} {zone} zone pulmonary nodule.",
+               "A {size} nodular opacity is seen in the {zone} zone of the {side} lung."],
+    "Pneumothorax": ["{Size} {side} pneumothorax.", "There is a {size} {side}-sided pneumothorax.",
+                     "A {size} pneumothorax is present on the {side}."],
+    "Consolidation": ["{Size} area of consolidation in the {side} {zone} zone.",
+                      "There is {size} consolidation in the {zone} zone of the {side} lung.",
+                      "{Size} {side} {zone} zone airspace consolidation."],
+    "no_Consolidation": ["No focal consolidation.", "There is no consolidation.", "No airspace consolidation."],
+    "no_Nodule": ["No pulmonary nodules.", "No nodule or mass is seen.", "There is no focal nodule."],
+    "no_Effusion": ["No pleural effusion.", "There is no pleural effusion.", "No effusion is seen."],
+    "no_Pneumothorax": ["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."],
+    "no_pleural": ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax."],
+    "normal": ["No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.", "Normal chest radiograph."],
+}
+
+
+def phantom_report(a, f, rng):
+    """Anatomy + findings of one phantom -> {"findings", "impression"}. Deterministic for a given rng state."""
+    def say(key, **kw):
+        kw.update({k.capitalize(): v.capitalize() for k, v in kw.items()})
+        return SYNTH_PHRASES[key][int(rng.integers(len(SYNTH_PHRASES[key])))].format(**kw)
+
+    def size(name):
+        key, lo, hi = SYNTH_SIZES[name]
+        return ("small", "moderate", "large")[min(2, int(3 * (f[name][key] - lo) / (hi - lo)))]
+
+    def place(x, y):                                   # patient side and lung zone of a point
+        side = 1 if x > 0 else -1
+        t = (y - a["apex"]) / ((a["dome_l"] if side > 0 else a["dome_r"]) - a["apex"])
+        return ("left" if side > 0 else "right"), ("upper", "mid", "lower")[min(2, max(0, int(3 * t)))]
+
+    out, short = [], []
+    if f.get("Cardiomegaly"):
+        deg = ("mild", "moderate", "marked")[min(2, int(3 * (a["ctr"] - 0.54) / 0.12))]
+        out.append(say("heart_big", deg=deg)); short.append(f"{deg.capitalize()} cardiomegaly.")
+    else:
+        out.append(say("heart_normal"))
+    for name in ("Consolidation", "Nodule"):
+        if f.get(name):
+            side, zone = place(f[name]["x"], f[name]["y"])
+            out.append(say(name, size=size(name), side=side, zone=zone))
+            short.append(SYNTH_PHRASES[name][0].format(size=size(name), Size=size(name).capitalize(), side=side,
+                                                       zone=zone))
+        else:
+            out.append(say("no_" + name))
+    if not f.get("Effusion") and not f.get("Pneumothorax") and rng.random() < 0.5:
+        out.append(say("no_pleural"))                  # one sentence for both, as radiologists often write
+    else:
+        for name in ("Effusion", "Pneumothorax"):
+            if not f.get(name):
+                out.append(say("no_" + name))
+                continue
+            sides = f[name]["sides"] if name == "Effusion" else [f[name]["side"]]
+            key = "Effusion_both" if len(sides) == 2 else name
+            side = "left" if sides[0] > 0 else "right"
+            out.append(say(key, size=size(name), side=side))
+            short.append(SYNTH_PHRASES[key][0].format(size=size(name), Size=size(name).capitalize(), side=side))
+    return {"findings": " ".join(out), "impression": " ".join(short) if short else say("normal")}
+
+
 def synthetic_tasks(n, seed):
     """n images from consecutive patients (1-3 images each). Everything about image j of patient p comes from
     np.random.default_rng([seed, p, j]) (and the anatomy from [seed, p]), so the set is fully determined by the
@@ -922,8 +1196,9 @@ def synthetic_tasks(n, seed):
             case = {"anatomy": anatomy, "acq": sample_acquisition(irng), "noise_seed": [seed, p, j + 1, 7]}
             case["findings"] = sample_findings(irng, anatomy)
             labels = {l: "1" if case["findings"].get(l) else "0" for l in SYNTH_LABELS}
+            report = phantom_report(anatomy, case["findings"], np.random.default_rng([seed, p, j + 1, 11]))
             tasks.append({"id": f"p{p:05d}_{j}", "src": None, "reader": "phantom", "patient": f"p{p:05d}",
-                          "split": None, "labels": labels, "phantom": case})
+                          "split": None, "labels": labels, "phantom": case, "report": report})
         p += 1
     return tasks
 
@@ -1083,8 +1358,7 @@ def src_synthetic(args):
 
 def bench(args):
     import shutil
-    import torch
-    torch.set_num_threads(1)
+    import subprocess
     root = Path(args.dir)
     raw = root / "raw1024"
     raw.mkdir(parents=True, exist_ok=True)
@@ -1093,7 +1367,7 @@ def bench(args):
         if not p.exists():
             Image.fromarray(render_phantom(t["phantom"], 1024)[0]).save(p)
     lines = [f"## data_prep.py benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
-             f"pillow {Image.__version__}, torch {torch.__version__})", "",
+             f"pillow {Image.__version__})", "",
              f"Command: `python data_prep.py bench {args.dir} --n {args.n}`", "",
              "| what | workers | images/s |", "|---|---:|---:|"]
     for w in args.workers:
@@ -1105,26 +1379,21 @@ def bench(args):
         rate = len(tasks) / (time.perf_counter() - t0)
         lines.append(f"| convert 1024x1024 PNG -> 256 PNG | {w} | {rate:.1f} |")
 
-    # The trainer's own loader (radjepa.CXRDataset: decode + random resized crop to 224, scale 0.3-1, no flips:
-    # laterality matters), imported here only: data_prep.py itself never depends on radjepa.py.
-    import radjepa
-    cfg = radjepa.make_config({"img_size": 224, "patch": 16})
-
-    def stack(items):
-        return torch.stack([x for x, _, _ in items if x is not None])
-
+    # The trainer's own loader (decode + random resized crop to 224, scale 0.3-1, no flips, + mask sampling), timed
+    # by radjepa.py itself (`--bench-loader`) in a child process: data_prep.py never imports the model code.
+    trainer = Path(__file__).resolve().with_name("radjepa.py")
+    if not trainer.is_file():
+        raise PrepError(f"bench: {trainer} not found (the loader half of the benchmark runs the trainer's loader)")
     rates = {}
     for name, folder in (("prepared 256 PNG", root / f"prep_w{args.workers[-1]}" / "images"), ("original 1024 PNG", raw)):
         for w in args.workers:
-            ds = radjepa.CXRDataset([str(p) for p in sorted(folder.glob("*.png"))], cfg)
-            keys = [(int(i), int(i)) for i in np.random.default_rng(0).permutation(len(ds))]  # (image, sample seed)
-            dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=w, sampler=keys, collate_fn=stack)
-            t0, n = time.perf_counter(), 0
-            for _ in range(args.epochs):
-                for x in dl:
-                    n += len(x)
-            rates[name, w] = n / (time.perf_counter() - t0)
-            lines.append(f"| radjepa loader: {name} + random resized crop 224 | {w} | {rates[name, w]:.1f} |")
+            cmd = [sys.executable, str(trainer), "--data", str(folder), "--img-size", "224", "--patch", "16",
+                   "--batch-size", "32", "--workers", str(w), "--bench-loader", str(max(1, args.epochs * args.n // 32))]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if r.returncode or "loader:" not in r.stdout:
+                raise PrepError(f"bench: {' '.join(cmd)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            rates[name, w] = float(r.stdout.split("loader:")[1].split()[0])
+            lines.append(f"| radjepa loader: {name} + random resized crop 224 + masks | {w} | {rates[name, w]:.1f} |")
     lines += ["", "Loader speed-up of the prepared folder over the originals: " +
               ", ".join(f"{rates['prepared 256 PNG', w] / rates['original 1024 PNG', w]:.1f}x ({w} workers)"
                         for w in args.workers), ""]
@@ -1141,7 +1410,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="source", required=True)
     workers = min(4, os.cpu_count() or 1)
     for name in SOURCES:
-        sp = sub.add_parser(name, help=f"convert {name}" if name != "folder" else "any tree of PNG/JPEG/TIFF/DICOM")
+        sp = sub.add_parser(name, help={"folder": "any tree of PNG/JPEG/TIFF/DICOM", "iu_xray": "Open-i IU X-ray: "
+                            "ecgen-radiology/*.xml + PNGs, with reports"}.get(name, f"convert {name}"))
         sp.add_argument("src", help="the dataset's root folder as downloaded")
         sp.add_argument("out", help="prepared output folder (re-running into it resumes)")
         sp.add_argument("--size", type=int, default=256, help="output side S (pad to square, resize)")
@@ -1161,6 +1431,14 @@ def main(argv=None):
             sp.add_argument("--frontal-only", action="store_true", help="keep PA/AP views only")
         if name == "mimic":
             sp.add_argument("--labeler", choices=["chexpert", "negbio"], default="chexpert")
+            sp.add_argument("--reports", default=None, help="root of the mimic-cxr-reports download (holds files/pXX/"
+                            "pNNNNNNNN/sNNNNNNNN.txt); default: report .txt files beside the JPGs, if there are any")
+        if name == "chexpert":
+            sp.add_argument("--reports", default=None, help="CheXpert Plus report CSV (path_to_image, section_findings, "
+                            "section_impression) -> reports.csv")
+        if name == "iu_xray":
+            sp.add_argument("--views", choices=["frontal", "all"], default="frontal",
+                            help="frontal views only (default), or every image of each report")
         if name == "vindr":
             sp.add_argument("--readers", choices=["any", "majority"], default="any",
                             help="image label from the 3 readers: any positive, or a majority")

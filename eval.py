@@ -5,7 +5,7 @@ The RadJEPA paper's claims are probe results: a frozen encoder, a small trained 
 Dice on anatomy, with paired significance tests between encoders. This file produces those numbers for any checkpoint
 written by radjepa.py on any prepared dataset written by data_prep.py (layout: images/, masks/, labels.csv, meta.json).
 
-    python eval.py --ckpt runs/x/ckpt.pt --data prep/ [--task cls|seg|all] [--probe linear|grid|attentive|all]
+    python eval.py --ckpt runs/x/ckpt.pt --data prep/ [--task cls|seg|report|all] [--probe linear|grid|attentive|all]
                    [--compare OTHER.pt|random] [--out DIR]
 
 What one run does, top to bottom (the file reads in the same order):
@@ -21,6 +21,8 @@ What one run does, top to bottom (the file reads in the same order):
      the patch tokens), segmentation head (per-patch linear, or a small conv decoder, on the token grid).
      Hyper-parameters are chosen on the val split only; the chosen probe is applied to the test split once.
   5. report: metrics.json, report.md, pr_curves.png, seg_overlays.png, pca_features.png (all written atomically).
+  Report generation (--task report, needs reports.csv): frozen tokens -> MLP projector -> prefix of a small causal
+     decoder; BLEU-1..4, ROUGE-L and clinical efficacy against baselines; report_examples.png. Its own section below.
   `python eval.py ablate OUT ... -- RECIPE` (section 10) runs the recipe's one-factor ablation table with these probes.
 
 Protocol definitions (exact, so the numbers can be checked):
@@ -44,6 +46,7 @@ Protocol definitions (exact, so the numbers can be checked):
 import argparse
 import collections
 import contextlib
+import copy
 import csv
 import hashlib
 import io
@@ -51,6 +54,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +72,15 @@ SPLITS = ("train", "val", "test")
 LINEAR_L2 = (1e-4, 1e-3, 1e-2, 1e-1)      # L2 penalty on the logistic-regression weights (features are standardized)
 ATTENTIVE_LR = (3e-4, 1e-3, 3e-3)          # AdamW learning rate of the attentive probe (weight decay fixed at 0.05)
 SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmentation head (weight decay 1e-4)
+# --quick: the evaluation to run right after the README quick start (<= 5 min on 2 CPU cores). It keeps the probes
+# where JEPA beats random init first (BENCHMARKS.md): the grid probe (a 200-step run wins there) and segmentation
+# (the clearest win at 1,000 steps), read at twice the training resolution (the default of --img-size and
+# --seg-img-size under --quick), and drops the slow attentive probe. Flags given explicitly win over these values.
+QUICK = dict(probe=["linear", "grid"], seg_epochs=15, n_boot=500, mask_size=64)
+# The shortest pretraining (steps x batch images) measured to beat random init (BENCHMARKS.md section 9: 200 quick-
+# start steps of 32, grid probe at 2x resolution, p = 0.04); shorter checkpoints get a warning, and a verdict
+# without a win says why.
+MIN_IMAGES_TO_WIN = 6400
 
 
 class EvalError(Exception):
@@ -719,14 +732,14 @@ def n_heads(dim):
     return next(h for h in (8, 4, 2, 1) if dim % h == 0 and dim // h >= 16) if dim >= 16 else 1
 
 
-def train_loop(model, loss_fn, n, epochs, lr, wd, batch_size, seed, device):
+def train_loop(model, loss_fn, n, epochs, lr, wd, batch_size, seed, device, desc="probe"):
     """AdamW with a cosine schedule, mini-batches of row indices into the train split; loss_fn(model, idx) -> loss."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     steps = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
         for idx in torch.randperm(n, generator=g).split(batch_size):
             loss = loss_fn(model, idx.to(device))
             opt.zero_grad(set_to_none=True)
@@ -793,7 +806,7 @@ def fit_classification(probe, feats, data, args, device, log):
         x = feats["pooled"].float() if probe == "linear" else grid_pool(feats["tokens"], args.grid)
         mu, sd = standardizer(x[tr]); x = (x - mu) / sd
         best = None
-        for l2 in LINEAR_L2:
+        for l2 in tqdm(LINEAR_L2, desc=f"{probe} probe L2 grid", leave=False):
             W, b = train_linear(x[tr], y[tr], l2)
             score = macro_auroc(y_val, (x[va] @ W + b).numpy())
             log(f"    {probe} l2={l2:g}: val macro AUROC {score:.4f}")
@@ -812,7 +825,7 @@ def fit_classification(probe, feats, data, args, device, log):
         torch.manual_seed(args.seed)
         model = AttentiveProbe(tok.shape[2], y.shape[1], n_heads(tok.shape[2])).to(device)
         train_loop(model, lambda m, idx: masked_bce(m(get(trd[idx])), y_tr[idx]),
-                   len(tr), args.epochs, lr, 0.05, args.batch_size, args.seed, device)
+                   len(tr), args.epochs, lr, 0.05, args.batch_size, args.seed, device, f"attentive lr={lr:g}")
         with torch.no_grad():
             s_val = predict_batched(lambda r: model(get(va[r])).cpu(), len(va)).numpy()
         score = macro_auroc(y_val, s_val)
@@ -864,7 +877,7 @@ def fit_segmentation(feats, masks, data, args, device, log):
         model = SegHead(tok.shape[2], len(structs), args.seg_head).to(device)
         model.init_bias(prior.to(device))
         train_loop(model, lambda m, idx: seg_loss(m(get(trd[idx]), L), gt_tr[idx], known_tr[idx]),
-                   len(tr), args.seg_epochs, lr, 1e-4, args.batch_size, args.seed, device)
+                   len(tr), args.seg_epochs, lr, 1e-4, args.batch_size, args.seed, device, f"seg lr={lr:g}")
         score, _ = val_dice(model, va)
         log(f"    seg ({args.seg_head}) lr={lr:g}: val mean Dice {score:.4f}")
         if best is None or score > best[0]:
@@ -1086,12 +1099,79 @@ def fmt_p(c):
     return f"{c['p']:.3f}{mark}" if c["p"] is not None else "-"
 
 
+def pretraining_summary(ckpt, radjepa):
+    """How much pretraining the checkpoint had: steps, images seen, epochs, size, and the last logged loss and erank
+    (from log.jsonl beside the checkpoint, when there is one)."""
+    ck = radjepa.read_checkpoint(ckpt)
+    c, step = ck["config"], int(ck.get("step", 0))
+    s = dict(step=step, batch_size=c["batch_size"], images_seen=step * c["batch_size"], width=c["width"],
+             depth=c["depth"], img_size=c["img_size"], loss=None, erank=None, train_images=None)
+    log_path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "log.jsonl")
+    if os.path.isfile(log_path):
+        with open(log_path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        train = [r for r in recs if r.get("type") == "train" or "loss" in r]
+        head = [r for r in recs if r.get("type") == "header" or "images" in r]
+        if train:
+            s["loss"], s["erank"] = train[-1]["loss"], train[-1].get("target_erank")
+        if head:
+            s["train_images"] = head[-1].get("images")
+    return s
+
+
+def too_short_text(s):
+    epochs = f", {s['images_seen'] / s['train_images']:.0f} epochs" if s.get("train_images") else ""
+    return (f"this checkpoint was pretrained on only {s['images_seen']:,} images ({s['step']} steps of "
+            f"{s['batch_size']}{epochs}); the shortest pretraining measured to beat random init saw "
+            f"{MIN_IMAGES_TO_WIN:,} (BENCHMARKS.md), so a significant win is unlikely")
+
+
+def verdict(m):
+    """Did pretraining beat the reference encoder (random init unless --compare)? Wins and losses are the
+    significant (p < 0.05) differences of macro AUROC per classification probe and of Dice per structure."""
+    ref, wins, losses = m["compare"], [], []
+    for key, r in m.get("classification", {}).items():
+        t = r.get("vs", {}).get(ref, {}).get("tests", {}).get("macro", {}).get("auroc")
+        if key.startswith(m["main"] + "/") and t:
+            probe = key.split("/")[1]
+            b = m["classification"][f"{ref}/{probe}"]["macro"]["auroc"]
+            item = f"{probe} probe macro AUROC {r['macro']['auroc']:.3f} vs {b:.3f} (p = {t['p']:.3f})"
+            (wins if t["verdict"] == "better" else losses if t["verdict"] == "worse" else []).append(item)
+    seg = m.get("segmentation", {})
+    for st, t in seg.get(m["main"], {}).get("vs", {}).get(ref, {}).items():
+        if st != "mean" and t.get("dice"):
+            a, b = seg[m["main"]]["dice"][st]["dice"], seg[ref]["dice"][st]["dice"]
+            item = f"{st} Dice {a:.3f} vs {b:.3f} (p = {t['dice']['p']:.3f})"
+            v = t["dice"]["verdict"]
+            (wins if v == "better" else losses if v == "worse" else []).append(item)
+    name = "random init" if ref == "random" else f"`{ref}`"
+    if wins:
+        text = ("Pretraining helped" if not losses else "Mixed result") + \
+            f": significantly better than {name} on " + "; ".join(wins) + "."
+    else:
+        text = f"No significant win over {name} on any task."
+        pt = m.get("pretraining")
+        if ref == "random" and pt:
+            text += (f" The model ({pt['width']} wide, {pt['depth']} deep) saw {pt['images_seen']:,} images"
+                     + (f", final loss {pt['loss']:.3f}, effective rank {pt['erank']:.0f}" if pt.get("loss") else "")
+                     + ". " + ("It is too short: " + too_short_text(pt) + ". " if pt["images_seen"] < MIN_IMAGES_TO_WIN
+                              else "") + "`bash experiment.sh cpu` (1,000 steps of 64, about 65 min on 2 CPU cores) "
+                     "shows significant wins in segmentation and the grid probe (BENCHMARKS.md).")
+    if losses:
+        text += f" Worse than {name} on: " + "; ".join(losses) + "."
+    return dict(helped=bool(wins), wins=wins, losses=losses, text=text)
+
+
 def make_report(m):
     L = [f"# RadJEPA probe report", "",
          f"checkpoint `{m['config']['ckpt']}`, data `{m['config']['data']}`, {m['config']['n_boot']} bootstrap "
          f"resamples over test patients, 95% percentile CIs. p = paired two-sided bootstrap p-value of "
          f"`{m['main']}` vs the named encoder (↑ significantly better, ↓ worse, at p < 0.05).", ""]
     L += [f"- `{n}`: {src}" for n, src in m.get("encoders", {}).items()] + ([""] if m.get("encoders") else [])
+    if m.get("status", "complete") != "complete":
+        L += [f"**Partial report ({m['status']}).**", ""]
+    if m.get("verdict"):
+        L += ["## Verdict", "", m["verdict"]["text"], ""]
     cls = m.get("classification", {})
     if cls:
         L += ["## Classification: macro means over labels", "",
@@ -1164,8 +1244,441 @@ def make_report(m):
               f"{geo[n]['position_share']:.2f} |" for n in names]
         L += ["", "Effective rank = exp(entropy of the normalised singular values) (RankMe): how many directions the "
               "features really use. A low value with a healthy std is dimensional collapse."]
-    L += ["", "Pictures: `pr_curves.png`, `seg_overlays.png`, `pca_features.png`.", ""]
+    if m.get("report"):
+        L += report_markdown(m["report"])
+    L += ["", "Pictures: `pr_curves.png`, `seg_overlays.png`, `pca_features.png`" +
+          (", `report_examples.png`." if m.get("report") else "."), ""]
     return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report generation (--task report): the paper's third evaluation, LLaVA-style, small enough for a CPU.
+#
+#   frozen tokens [N, g*g, D] -> mean over each cell of a G x G grid (--report-grid, default 4: 16 prefix tokens)
+#   -> standardize (train statistics) -> 2-layer MLP projector -> prefix of a causal transformer decoder trained from
+#   scratch with teacher forcing on the train reports -> epoch with the lowest val loss kept -> test decoded once,
+#   greedy and beam search (width 3), capped at --report-max-len words.
+# Text: the FINDINGS section (the IMPRESSION when a report has no findings; --report-section), lower-cased, words and
+# punctuation marks as tokens; the vocabulary is the train split's words seen at least --report-min-count times, the
+# rest is <unk>. Metrics compare generated and reference token lists:
+#   BLEU-n  corpus-level: clipped n-gram matches summed over the corpus / candidate n-grams summed, geometric mean
+#           over 1..n, times the brevity penalty exp(1 - r/c) when the total candidate length c <= reference length r.
+#           No smoothing (a corpus with no matching 4-gram scores 0), one reference per report.
+#   ROUGE-L F1 of the longest common subsequence (P = LCS/|cand|, R = LCS/|ref|), averaged over reports.
+#   Clinical efficacy (CE): label_report() on the generated and on the reference text; precision/recall/F1, micro
+#           (pooled counts) and macro (mean over labels with a positive reference in the test set).
+# Baselines under the same decoder and budget: random-init encoder, raw pixels, "none" (no prefix: the decoder alone
+# learns the most typical report), and retrieval (the report of the nearest train image by cosine similarity of the
+# standardized mean-pooled tokens; "retrieval-jepa", and the same with each other encoder's tokens, which compares the
+# feature spaces with no training at all). CIs and p-values: the patient bootstrap and paired test of sections 1, 6.
+
+REPORT_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+PAD, BOS, EOS, UNK = range(4)
+
+# The labeler's rules. A finding is mentioned where its pattern matches; a mention is cancelled by a negation cue in
+# the same clause, before it ("no effusion", "without pneumothorax", "negative for pneumonia") or after it ("effusion
+# has resolved", "pneumothorax is no longer seen"). Clauses end at . ; ! ? and at but/however/although/except, so
+# "no effusion but a small pneumothorax" keeps the pneumothorax. Hedged mentions ("possible effusion") count as
+# positive. Label = 1 if any mention survives, else 0 (negated and unmentioned are the same: "not reported").
+LABELER_FINDINGS = {
+    "Atelectasis": r"atelecta\w*",
+    "Cardiomegaly": r"cardiomegaly|(?:heart|cardiac silhouette)(?: size)? (?:is|appears|remains) (?:\w+ly )?enlarged"
+                    r"|enlarged (?:heart|cardiac silhouette)",
+    "Consolidation": r"consolidat\w*",
+    "Edema": r"o?edema",
+    "Effusion": r"effusions?",
+    "Nodule": r"nodul\w*|mass(?:es)?",
+    "Pneumonia": r"pneumonias?",
+    "Pneumothorax": r"pneumothora(?:x|ces)",
+}
+NEGATION_BEFORE = r"\b(?:no|not|without|negative for|free of|absence of|resolution of|resolved|clear of)\b"
+NEGATION_AFTER = (r"\b(?:(?:has|have) (?:resolved|cleared)|(?:is|are) no longer (?:seen|present|visible|evident)"
+                  r"|(?:is|are) not (?:seen|present|identified|visible|evident)|(?:has|have) been excluded|resolved)\b")
+CLAUSE_END = r"[.;!?]|\b(?:but|however|although|except)\b"
+
+
+def label_report(text, findings=LABELER_FINDINGS):
+    """Report text -> {finding: 0/1} by the rules above."""
+    out = dict.fromkeys(findings, 0)
+    for clause in re.split(CLAUSE_END, text.lower()):
+        for name, pattern in findings.items():
+            for m in re.finditer(rf"\b(?:{pattern})\b", clause):
+                if not (re.search(NEGATION_BEFORE, clause[:m.start()]) or re.search(NEGATION_AFTER, clause[m.end():])):
+                    out[name] = 1
+    return out
+
+
+def tokenize(text):
+    """'No effusion; left-sided.' -> ['no', 'effusion', ';', 'left', '-', 'sided', '.']"""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def detokenize(words):
+    return re.sub(r" ([.,;:!?])", r"\1", " ".join(words))
+
+
+def bleu_stats(hyp, ref, max_n=4):
+    """Sufficient statistics of one report for corpus BLEU: [matches_1..n, candidate n-grams_1..n, |hyp|, |ref|]."""
+    row = [0] * (2 * max_n) + [len(hyp), len(ref)]
+    for n in range(1, max_n + 1):
+        h = collections.Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+        r = collections.Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+        row[n - 1] = sum(min(c, r[g]) for g, c in h.items())            # clipped: a word counts at most as often
+        row[max_n + n - 1] = max(len(hyp) - n + 1, 0)                   # as it occurs in the reference
+    return row
+
+
+def bleu_from_stats(s, n, max_n=4):
+    """Corpus BLEU-n from summed bleu_stats rows (definition in the section header)."""
+    match, total, c, r = s[:max_n], s[max_n:2 * max_n], s[2 * max_n], s[2 * max_n + 1]
+    if c == 0 or min(match[:n]) == 0:
+        return 0.0
+    log_p = sum(math.log(match[k] / total[k]) for k in range(n)) / n
+    return (1.0 if c > r else math.exp(1 - r / c)) * math.exp(log_p)
+
+
+def corpus_bleu(hyps, refs, n=4):
+    return bleu_from_stats(np.sum([bleu_stats(h, r) for h, r in zip(hyps, refs)], 0), n)
+
+
+def rouge_l(hyp, ref):
+    """ROUGE-L F1 of two token lists (LCS by dynamic programming, one row at a time)."""
+    if not hyp or not ref:
+        return 0.0
+    prev = [0] * (len(ref) + 1)
+    for a in hyp:
+        cur = [0]
+        for j, b in enumerate(ref):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(hyp) + len(ref))     # = 2PR/(P+R) with P=lcs/|hyp|, R=lcs/|ref|
+
+
+def clinical_efficacy(pred, ref):
+    """pred, ref: bool [n, L] (labels of generated / reference reports). Micro and macro precision/recall/F1; a label
+    enters the macro means only if it has a positive reference here; precision with no predicted positive is 0."""
+    tp, fp, fn = (pred & ref).sum(0), (pred & ~ref).sum(0), (~pred & ref).sum(0)
+    div = lambda a, b: a / b if b else 0.0  # noqa: E731
+    out = {"ce_p_micro": div(tp.sum(), tp.sum() + fp.sum()), "ce_r_micro": div(tp.sum(), tp.sum() + fn.sum()),
+           "ce_f1_micro": div(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum())}
+    has = np.flatnonzero(tp + fn)
+    if not len(has):
+        return {k: None for k in list(out) + ["ce_p_macro", "ce_r_macro", "ce_f1_macro"]}
+    out.update(ce_p_macro=float(np.mean([div(tp[j], tp[j] + fp[j]) for j in has])),
+               ce_r_macro=float(np.mean([tp[j] / (tp[j] + fn[j]) for j in has])),
+               ce_f1_macro=float(np.mean([2 * tp[j] / (2 * tp[j] + fp[j] + fn[j]) for j in has])))
+    return {k: float(v) for k, v in out.items()}
+
+
+REPORT_METRICS = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "ce_p_micro", "ce_r_micro", "ce_f1_micro",
+                  "ce_p_macro", "ce_r_macro", "ce_f1_macro"]
+
+
+def report_statistics(hyps, refs, resamples):
+    """Point values, bootstrap CIs and samples of every REPORT_METRICS entry, plus per-label CE F1 (point)."""
+    stats = np.array([bleu_stats(h, r) for h, r in zip(hyps, refs)])
+    rl = np.array([rouge_l(h, r) for h, r in zip(hyps, refs)])
+    names = list(LABELER_FINDINGS)
+    lab = lambda ts: np.array([[label_report(detokenize(t))[k] for k in names] for t in ts], bool)  # noqa: E731
+    pred, ref = lab(hyps), lab(refs)
+
+    def metrics(idx):
+        s = stats[idx].sum(0)
+        return {**{f"bleu{n}": bleu_from_stats(s, n) for n in range(1, 5)}, "rouge_l": float(rl[idx].mean()),
+                **clinical_efficacy(pred[idx], ref[idx])}
+    point = metrics(np.arange(len(hyps)))
+    boot = [metrics(idx) for idx in resamples]
+    samples = {("all", k): np.array([np.nan if b[k] is None else b[k] for b in boot]) for k in REPORT_METRICS}
+    out = {k: point[k] for k in REPORT_METRICS}
+    out.update({k + "_ci": percentile_ci(samples[("all", k)]) for k in REPORT_METRICS})
+    out["ce_per_label"] = {n: {"n_ref": int(ref[:, j].sum()), "n_pred": int(pred[:, j].sum()),
+                               "f1": clinical_efficacy(pred[:, [j]], ref[:, [j]])["ce_f1_micro"]}
+                           for j, n in enumerate(names)}
+    return out, samples
+
+
+def read_reports(data, section):
+    """OUT/reports.csv -> the target text per dataset row ("" = no report)."""
+    path = os.path.join(data["root"], "reports.csv")
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:3] != ["image", "findings", "impression"]:
+        raise EvalError(f"{path}: header must be image,findings,impression (got {rows[0] if rows else 'nothing'})")
+    row_of = {p: i for i, p in enumerate(data["paths"])}
+    text = [""] * len(data["paths"])
+    for r in rows[1:]:
+        i = row_of.get(os.path.join(data["root"], r[0])) if len(r) == 3 else None
+        if i is not None:
+            fnd, imp = r[1].strip(), r[2].strip()
+            text[i] = {"findings": fnd or imp, "impression": imp, "both": f"{fnd} {imp}".strip()}[section]
+    return text
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm causal self-attention + MLP. forward(x, cache): x = (B, T, W) new positions; cache = (k, v) of the
+    positions before them, or None. Returns (out, (k, v) including x's): decoding feeds one word at a time."""
+
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None):
+        B, T, W = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B,H,T,dh)
+        if cache is not None:                                     # one new position: it may see every cached one
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None and T > 1)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, W)))
+        return x + self.drop(self.mlp(self.n2(x))), (k, v)
+
+
+class ReportDecoder(nn.Module):
+    """prefix features (B, P, F) -> projector Linear-GELU-Linear -> P prefix tokens, followed by <bos> w1 .. wn; a
+    causal transformer predicts every next word. n_prefix = 0 is the no-image baseline (the decoder alone)."""
+
+    def __init__(self, feat_dim, n_prefix, vocab_size, width=256, layers=4, max_len=100, dropout=0.1):
+        super().__init__()
+        self.n_prefix = n_prefix
+        self.proj = nn.Sequential(nn.Linear(feat_dim, width), nn.GELU(), nn.Linear(width, width)) if n_prefix else None
+        self.embed = nn.Embedding(vocab_size, width)
+        self.pos = nn.Parameter(torch.randn(n_prefix + max_len + 2, width) * 0.02)   # prefix, <bos>, words, <eos>
+        self.blocks = nn.ModuleList(DecoderBlock(width, n_heads(width), dropout) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
+
+    def step(self, x, start, caches=None):
+        """x (B, T, W) at positions start.. -> logits (B, T, V) and the updated per-layer caches."""
+        x = x + self.pos[start:start + x.shape[1]]
+        new = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, None if caches is None else caches[i])
+            new.append(kv)
+        return self.head(self.norm(x)), new
+
+    def start(self, prefix, words):
+        """Prefix + words at once -> (logits of the word positions (B, L, V), caches)."""
+        x = self.embed(words)
+        if self.proj is not None:
+            x = torch.cat([self.proj(prefix), x], 1)
+        logits, caches = self.step(x, 0)
+        return logits[:, self.n_prefix:], caches
+
+    def forward(self, prefix, words):                            # teacher forcing: words = <bos> w1 .. wn <eos> <pad>..
+        return self.start(prefix, words)[0]
+
+
+@torch.no_grad()
+def beam_search(model, prefix, n, beam, max_len, device):
+    """Decodes n reports (prefix (n, P, F) or None). Returns token-id lists (no <bos>/<eos>). Score = summed
+    log-probability, no length normalisation; a beam that emitted <eos> is finished and only extends with <eos> at no
+    cost; at most max_len words. beam = 1 is greedy decoding."""
+    model.eval()
+    words = torch.full((n * beam, 1), BOS, device=device)
+    pre = None if prefix is None else prefix.to(device).repeat_interleave(beam, 0)
+    logits, caches = model.start(pre, words)
+    score = torch.full((n, beam), -math.inf, device=device)
+    score[:, 0] = 0.0                                            # all beams start identical: expand only the first
+    seqs = torch.empty((n * beam, 0), dtype=torch.long, device=device)
+    done = torch.zeros(n * beam, dtype=torch.bool, device=device)
+    for t in range(max_len + 1):
+        logp = torch.log_softmax(logits[:, -1].float(), -1)       # (n*beam, V)
+        logp[done] = -math.inf
+        logp[done, EOS] = 0.0
+        if t == max_len:                                          # length cap: only <eos> is left
+            keep = logp[:, EOS].clone(); logp.fill_(-math.inf); logp[:, EOS] = keep
+        V = logp.shape[1]
+        cand = (score.view(n, beam, 1) + logp.view(n, beam, V)).view(n, beam * V)
+        score, flat = cand.topk(beam, 1)                           # (n, beam)
+        parent = (flat // V + torch.arange(n, device=device)[:, None] * beam).view(-1)
+        tok = (flat % V).view(-1)
+        seqs = torch.cat([seqs[parent], tok[:, None]], 1)
+        done = done[parent] | (tok == EOS)
+        if done.all():
+            break
+        if beam > 1:                                              # each beam continues its parent's history
+            caches = [(k[parent], v[parent]) for k, v in caches]
+        logits, caches = model.step(model.embed(tok[:, None]), model.n_prefix + 1 + t, caches)
+    best = score.argmax(1) + torch.arange(n, device=device) * beam
+    out = []
+    for s in seqs[best].tolist():
+        out.append(s[:s.index(EOS)] if EOS in s else s)
+    return out
+
+
+def encode_reports(texts, vocab, max_len):
+    """Token-id tensor (N, max_len + 2): <bos> words (truncated to max_len) <eos>, right-padded with <pad>."""
+    ids = torch.full((len(texts), max_len + 2), PAD, dtype=torch.long)
+    for i, t in enumerate(texts):
+        w = [vocab.get(x, UNK) for x in tokenize(t)[:max_len]]
+        ids[i, :len(w) + 2] = torch.tensor([BOS] + w + [EOS])
+    return ids
+
+
+def train_decoder(prefix, ids, vocab_size, tr, va, args, device, log, name):
+    """Teacher forcing, AdamW + cosine schedule over --report-epochs; returns the model at the epoch with the lowest
+    val loss (token-averaged cross-entropy), and that epoch and loss."""
+    torch.manual_seed(args.seed)
+    model = ReportDecoder(prefix.shape[2] if prefix is not None else 0, prefix.shape[1] if prefix is not None else 0,
+                          vocab_size, args.report_width, args.report_layers, args.report_max_len,
+                          args.report_dropout).to(device)
+    get = lambda rows: None if prefix is None else prefix[rows].to(device)  # noqa: E731
+
+    def loss_of(rows):
+        w = ids[rows, :int((ids[rows] != PAD).sum(1).max())].to(device)      # cut the batch's all-<pad> columns
+        return F.cross_entropy(model(get(rows), w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(), ignore_index=PAD)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.report_lr, weight_decay=0.01)
+    steps = args.report_epochs * math.ceil(len(tr) / args.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(args.seed)
+    best = (math.inf, 0, None)
+    for epoch in tqdm(range(1, args.report_epochs + 1), desc=f"decoder {name}", leave=False):
+        model.train()
+        for idx in torch.randperm(len(tr), generator=g).split(args.batch_size):
+            loss = loss_of(tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(); sched.step()
+        model.eval()
+        with torch.no_grad():                                  # token-weighted mean over the val split
+            n_tok = [(ids[va[i:i + 256], 1:] != PAD).sum().item() for i in range(0, len(va), 256)]
+            val = sum(loss_of(va[i:i + 256]).item() * k for i, k in zip(range(0, len(va), 256), n_tok)) / sum(n_tok)
+        if val < best[0]:
+            best = (val, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    log(f"    decoder {name}: best val loss {best[0]:.4f} at epoch {best[1]} of {args.report_epochs}")
+    return model, {"val_loss": best[0], "epoch": best[1]}
+
+
+def nearest_train(tokens, tr, te):
+    """Retrieval: for each te row, the tr row nearest by cosine similarity of standardized mean-pooled tokens."""
+    pooled = tokens.float().mean(1)
+    mu, sd = standardizer(pooled[tr])
+    z = F.normalize((pooled - mu) / sd, dim=1)
+    return tr[(z[te] @ z[tr].T).argmax(1).numpy()]
+
+
+def report_task(data, feats, enc_names, size, args, device, log):
+    """Trains and scores every system; returns (metrics["report"], examples for the pictures)."""
+    text = read_reports(data, args.report_section)
+    has = np.array([bool(t) for t in text])
+    tr, va, te = (np.flatnonzero((data["split"] == s) & has) for s in SPLITS)
+    if not len(tr) or not len(va) or not len(te):
+        raise EvalError(f"{data['root']}: --task report needs reports in train, val and test "
+                        f"(have {len(tr)}, {len(va)}, {len(te)})")
+    counts = collections.Counter(w for i in tr for w in tokenize(text[i]))
+    vocab = {w: i for i, w in enumerate(REPORT_SPECIALS + sorted(w for w, c in counts.items()
+                                                                  if c >= args.report_min_count))}
+    inv = {i: w for w, i in vocab.items()}
+    ids = encode_reports(text, vocab, args.report_max_len)
+    refs = [tokenize(text[i]) for i in te]
+    pats = data["patients"][te]
+    resamples = bootstrap_indices([np.flatnonzero(pats == p) for p in dict.fromkeys(pats)], args.n_boot, args.seed)
+    log(f"report: {len(tr)}/{len(va)}/{len(te)} train/val/test reports, vocabulary {len(vocab)} words "
+        f"(min count {args.report_min_count}), section {args.report_section}, prefix {args.report_grid}x"
+        f"{args.report_grid} tokens")
+    trt, vat = torch.from_numpy(tr), torch.from_numpy(va)
+    hyps, info = {}, {}
+    for name in enc_names + ["none"]:
+        if name == "none":
+            prefix = None
+        else:
+            tok = feats[(name, size)]["tokens"]
+            D = tok.shape[2]
+            prefix = grid_pool(tok, args.report_grid).view(len(tok), D, -1).transpose(1, 2)   # (N, G*G, D)
+            mu, sd = standardizer(prefix[tr])
+            prefix = (prefix - mu) / sd
+        t0 = time.time()
+        model, info[name] = train_decoder(prefix, ids, len(vocab), trt, vat, args, device, log, name)
+        for mode, k in (("greedy", 1), ("beam3", 3)):
+            out = []
+            for i in range(0, len(te), 128):
+                rows = torch.from_numpy(te[i:i + 128])
+                out += beam_search(model, None if prefix is None else prefix[rows], len(rows), k,
+                                   args.report_max_len, device)
+            hyps[f"{name}/{mode}"] = [[inv[j] for j in s] for s in out]
+        info[name]["seconds"] = round(time.time() - t0, 1)
+    for name in enc_names:
+        hyps[f"retrieval-{name}"] = [tokenize(text[i]) for i in nearest_train(feats[(name, size)]["tokens"], tr, te)]
+    res, samples = {}, {}
+    for key, h in hyps.items():
+        res[key], samples[key] = report_statistics(h, refs, resamples)
+        log(f"    {key}: BLEU-4 {fmt(res[key]['bleu4'], res[key]['bleu4_ci'])}  ROUGE-L {res[key]['rouge_l']:.3f}  "
+            f"CE F1 micro {fmt(res[key]['ce_f1_micro'])} macro {fmt(res[key]['ce_f1_macro'])}")
+    vs = {}
+    val = lambda k: (lambda _, m: res[k][m])  # noqa: E731
+    pairs = [(f"jepa/{d}", b) for d in ("greedy", "beam3") for b in
+             [f"{n}/{d}" for n in enc_names[1:] + ["none"]] + ["retrieval-jepa"]]
+    for a, b in pairs + [("retrieval-jepa", f"retrieval-{n}") for n in enc_names[1:]]:
+        ok = [("all", m) for m in REPORT_METRICS if res[a][m] is not None and res[b][m] is not None]
+        vs.setdefault(a, {})[b] = compare(samples[a], samples[b], val(a), val(b), ok).get("all", {})
+    pick = [i for i in range(len(te)) if any(label_report(text[te[i]]).values())][:3]
+    pick += [i for i in range(len(te)) if i not in pick][:6 - len(pick)]
+    examples = [{"row": int(te[i]), "id": data["ids"][te[i]], "reference": text[te[i]],
+                 **{k: detokenize(hyps[f"{k}/beam3"][i]) for k in ("jepa", "random") if f"{k}/beam3" in hyps}}
+                for i in pick]
+    return {"systems": res, "vs": vs, "decoders": info, "examples": examples, "n_test": int(len(te)),
+            "n_train": int(len(tr)), "vocab_size": len(vocab), "labels": list(LABELER_FINDINGS),
+            "config": {k: getattr(args, k) for k in ("report_section", "report_grid", "report_width", "report_layers",
+                                                     "report_epochs", "report_lr", "report_max_len",
+                                                     "report_min_count", "report_dropout")}}, examples
+
+
+def report_markdown(r):
+    """The report.md section: main table, paired p-values, per-label CE F1, six examples."""
+    c = r["config"]
+    L = ["", f"## Report generation ({r['n_train']} train / {r['n_test']} test reports, {c['report_section']}; "
+         f"decoder {c['report_layers']}x{c['report_width']}, prefix {c['report_grid']}x{c['report_grid']} tokens, "
+         f"vocabulary {r['vocab_size']})", "",
+         "| system | decoding | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 [95% CI] | ROUGE-L [95% CI] | CE P / R micro | "
+         "CE F1 micro [95% CI] | CE F1 macro [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, s in r["systems"].items():
+        name, mode = (key.split("/") + ["-"])[:2]
+        L.append(f"| {name} | {mode} | {s['bleu1']:.3f} | {s['bleu2']:.3f} | {s['bleu3']:.3f} | "
+                 f"{fmt(s['bleu4'], s['bleu4_ci'])} | {fmt(s['rouge_l'], s['rouge_l_ci'])} | "
+                 f"{fmt(s['ce_p_micro'])} / {fmt(s['ce_r_micro'])} | {fmt(s['ce_f1_micro'], s['ce_f1_micro_ci'])} | "
+                 f"{fmt(s['ce_f1_macro'], s['ce_f1_macro_ci'])} |")
+    keys = ["bleu4", "rouge_l", "ce_f1_micro", "ce_f1_macro"]
+    L += ["", "Paired bootstrap p-values, jepa vs each (same decoding; ↑ jepa significantly better, ↓ worse):", "",
+          "| jepa vs | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for a, row in r["vs"].items():
+        for b, t in row.items():
+            L.append(f"| {a} vs {b} | " + " | ".join(fmt_p(t.get(k)) for k in keys) + " |")
+    names = list(r["systems"])
+    L += ["", "Clinical-efficacy F1 per finding (labeler on generated vs reference; n = positive references):", "",
+          "| finding | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for lab in r["labels"]:
+        e0 = r["systems"][names[0]]["ce_per_label"][lab]
+        if e0["n_ref"]:
+            L.append(f"| {lab} | {e0['n_ref']} | " + " | ".join(f"{r['systems'][k]['ce_per_label'][lab]['f1']:.2f}"
+                                                                for k in names) + " |")
+    L += ["", "Test examples (beam 3), also in `report_examples.png`:", "",
+          "| image | reference | jepa | random |", "|---|---|---|---|"]
+    L += [f"| {e['id']} | {e['reference']} | {e.get('jepa', '-')} | {e.get('random', '-')} |" for e in r["examples"]]
+    return L
+
+
+def draw_report_examples(images, examples, path, thumb=128, col=330, wrap=52):
+    """One row per example: thumbnail, then the reference and the JEPA / random reports (wrapped)."""
+    import textwrap
+    cols = ["reference", "jepa", "random"]
+    rows = [[textwrap.wrap(e.get(c, "-"), wrap) for c in cols] for e in examples]
+    heights = [max(thumb, 14 + 12 * max(len(t) for t in r)) + 8 for r in rows]
+    canvas = Image.new("RGB", (thumb + 8 + col * len(cols), 18 + sum(heights)), "white")
+    d = ImageDraw.Draw(canvas)
+    for j, c in enumerate(cols):
+        d.text((thumb + 8 + j * col, 3), c, fill=(0, 0, 0) if c == "reference" else COLORS[c])
+    y = 18
+    for e, r, h in zip(examples, rows, heights):
+        canvas.paste(Image.fromarray(gray_rgb(images[e["row"]].numpy(), thumb).astype(np.uint8)), (0, y))
+        for j, lines in enumerate(r):
+            d.text((thumb + 8 + j * col, y), "\n".join(lines), fill="black", spacing=2)
+        d.line([(0, y + h - 4), (canvas.width, y + h - 4)], fill=(200, 200, 200))
+        y += h
+    save_image(canvas, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1180,7 +1693,8 @@ def parse_args(argv):
                    "weights, e.g. from `radjepa.py export`), hf:NAME or hf:FOLDER (e.g. hf:microsoft/rad-dino); "
                    "external encoders run at their own resolution and normalisation, --img-size does not apply")
     p.add_argument("--data", required=True, help="a prepared folder (data_prep.py layout)")
-    p.add_argument("--task", default="all", choices=["cls", "seg", "all"])
+    p.add_argument("--task", default="all", choices=["cls", "seg", "report", "all"],
+                   help="cls, seg, report (report generation, needs reports.csv), or all (report only if reports.csv)")
     p.add_argument("--probe", default=["all"], nargs="+", choices=["linear", "grid", "attentive", "all"],
                    help="classification probe(s), one or more: linear on mean-pooled tokens, grid = linear on tokens "
                         "mean-pooled per cell of a --grid x --grid partition (keeps coarse position), attentive (one "
@@ -1204,12 +1718,34 @@ def parse_args(argv):
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-init baseline encoder")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
     p.add_argument("--no-baselines", action="store_true", help="skip the pixels baseline (random/--compare stay)")
-    return p.parse_args(argv)
+    r = p.add_argument_group("report generation (--task report)")
+    r.add_argument("--report-section", default="findings", choices=["findings", "impression", "both"],
+                   help="text to generate: FINDINGS (the IMPRESSION where a report has none), IMPRESSION, or both")
+    r.add_argument("--report-grid", type=int, default=4, help="prefix = tokens mean-pooled on a G x G grid: G*G tokens")
+    r.add_argument("--report-width", type=int, default=256, help="decoder width")
+    r.add_argument("--report-layers", type=int, default=4, help="decoder depth")
+    r.add_argument("--report-epochs", type=int, default=30, help="decoder epochs (the best on val loss is kept)")
+    r.add_argument("--report-lr", type=float, default=5e-4, help="decoder AdamW learning rate (cosine schedule)")
+    r.add_argument("--report-dropout", type=float, default=0.1, help="decoder dropout")
+    r.add_argument("--report-max-len", type=int, default=100,
+                   help="words per report: longer train reports are cut, decoding stops there")
+    r.add_argument("--report-min-count", type=int, default=2, help="train words seen fewer times become <unk>")
+    quick = ", ".join(f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in QUICK.items())
+    p.add_argument("--quick", action="store_true", help=f"the <= 5-minute evaluation for the README quick start: "
+                   f"{quick}, features at 2x the training resolution; flags given explicitly win")
+    args = p.parse_args(argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
+    for k, v in QUICK.items() if args.quick else ():
+        if not any(a.split("=")[0] == "--" + k.replace("_", "-") for a in given):
+            setattr(args, k, v)
+    return args
 
 
 # Every numeric flag's smallest value, checked before any work starts (None = "default" where the flag allows it).
 AT_LEAST = {"grid": 1, "img_size": 1, "seg_img_size": 1, "mask_size": 1, "pixels_size": 1, "epochs": 1,
-            "seg_epochs": 1, "batch_size": 1, "n_boot": 1, "seed": 0, "random_seed": 0}
+            "seg_epochs": 1, "batch_size": 1, "n_boot": 1, "seed": 0, "random_seed": 0,
+            "report_grid": 1, "report_width": 1, "report_layers": 1, "report_epochs": 1, "report_max_len": 1,
+            "report_min_count": 1}
 
 
 def check_args(args):
@@ -1294,21 +1830,27 @@ def run(args):
     ref = next((e for e in encoders.values() if not isinstance(e, ExternalEncoder)), enc0)
     patch = ref.patch_size
     train_size = int(ref.config.get("img_size", 224))
-    cls_size = args.img_size or train_size
-    seg_size = args.seg_img_size or max(train_size, 16 * patch)
+    cls_size = args.img_size or (2 * train_size if args.quick else train_size)
+    seg_size = args.seg_img_size or (2 * train_size if args.quick else max(train_size, 16 * patch))
     for name, enc in encoders.items():
         for s in (cls_size, seg_size) if not isinstance(enc, ExternalEncoder) else ():   # those resize themselves
             if s % enc.patch_size:
                 raise EvalError(f"image size {s} is not a multiple of the patch size {enc.patch_size} ({name})")
 
     data = read_prepared(args.data, args.task)
+    has_reports = os.path.isfile(os.path.join(args.data, "reports.csv"))
+    if args.task == "report" and not has_reports:
+        raise EvalError(f"{args.data}: --task report needs reports.csv (data_prep.py writes it where reports exist)")
+    do_report = args.task in ("report", "all") and has_reports
     do_cls = args.task in ("cls", "all") and data["has_cls"]
     do_seg = args.task in ("seg", "all") and bool(data["structures"])
     if args.task == "all" and not do_cls:
         log("skip classification: labels.csv has no label with known values in train")
     if args.task == "all" and not do_seg:
         log("skip segmentation: the dataset has no masks/")
-    if not (do_cls or do_seg):
+    if args.task == "all" and not do_report:
+        log("skip report generation: the dataset has no reports.csv")
+    if not (do_cls or do_seg or do_report):
         raise EvalError(f"{args.data}: nothing to probe (no label with known values in train, no masks/)")
     images = load_images(data, radjepa)
     log(f"data: {len(images)} images {tuple(images.shape[1:])}, splits "
@@ -1320,7 +1862,7 @@ def run(args):
     data_fp = hashlib.sha256(images.numpy().data).hexdigest()     # the pixels themselves, in order
     ckpt_of = {"jepa": args.ckpt, "random": args.ckpt, "other": args.compare}
     feats = {}                                                     # (encoder, size) -> {"tokens", "pooled"}
-    sizes = sorted({*([cls_size] if do_cls else []), *([seg_size] if do_seg else [])})   # one extraction per size
+    sizes = sorted({*([cls_size] if do_cls or do_report else []), *([seg_size] if do_seg else [])})  # one per size
     for name, enc in encoders.items():
         for size in sizes:
             last4 = args.pool == "last4" and size == cls_size
@@ -1352,6 +1894,23 @@ def run(args):
     metrics = {"main": "jepa", "compare": compare_name, "encoders": sources, "labels": data["label_names"],
                "structures": data["structures"] if do_seg else []}
     probes = [p for p in ("linear", "grid", "attentive") if p in args.probe or "all" in args.probe]
+    metrics["config"] = {**vars(args), "probes": probes, "cls_img_size": cls_size, "seg_img_size": seg_size,
+                         "seg_grid": seg_size // patch, "cls_grid": cls_size // patch, "device": str(device),
+                         "train_config": enc0.config, "n_test": int(len(test_rows)),
+                         "grids": {"linear_l2": LINEAR_L2, "attentive_lr": ATTENTIVE_LR, "seg_lr": SEG_LR},
+                         "bootstrap": "patients resampled with replacement, percentile 95% CI",
+                         "p_value": "min(1, 2*min((#d<=0 + 1)/(B+1), (#d>=0 + 1)/(B+1)))"}
+    metrics["features"] = {"img_size": sizes[0], "n_images": int(len(geo_rows)), **geometry}
+    metrics["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    metrics["pretraining"] = None if is_external(args.ckpt) else pretraining_summary(args.ckpt, radjepa)
+    if compare_name == "random" and (metrics["pretraining"] or {}).get("images_seen", 1e9) < MIN_IMAGES_TO_WIN:
+        log(f"warning: {too_short_text(metrics['pretraining'])}")
+
+    def save(status):                      # after every task, atomically: a kill leaves the tasks done so far
+        metrics["status"], metrics["seconds"], metrics["log"] = status, round(time.time() - t0, 1), log_lines
+        metrics["verdict"] = verdict(metrics)
+        write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
+        write_text(os.path.join(out, "report.md"), make_report(metrics))
 
     # --- classification ---------------------------------------------------------------------------------------------
     curves = {}
@@ -1386,6 +1945,7 @@ def run(args):
                                        "n_better": {mt: v.count("better") for mt, v in per.items()},
                                        "n_worse": {mt: v.count("worse") for mt, v in per.items()}}
         metrics["classification"] = cls
+        save("partial: classification done" + (", segmentation still to run" if do_seg else ""))
 
     # --- segmentation -----------------------------------------------------------------------------------------------
     seg_preds = {}
@@ -1411,21 +1971,17 @@ def run(args):
                                                 for m in ("dice", "dice_pos")])
         metrics["segmentation"] = seg
 
+    # --- report generation (its own section above) -------------------------------------------------------------------
+    if do_report:
+        metrics["report"], examples = report_task(data, feats, enc_names, cls_size, args, device, log)
+
     # --- outputs ----------------------------------------------------------------------------------------------------
-    metrics["config"] = {**vars(args), "probes": probes, "cls_img_size": cls_size, "seg_img_size": seg_size,
-                         "seg_grid": seg_size // patch, "cls_grid": cls_size // patch, "device": str(device),
-                         "train_config": enc0.config, "n_test": int(len(test_rows)),
-                         "grids": {"linear_l2": LINEAR_L2, "attentive_lr": ATTENTIVE_LR, "seg_lr": SEG_LR},
-                         "bootstrap": "patients resampled with replacement, percentile 95% CI",
-                         "p_value": "min(1, 2*min((#d<=0 + 1)/(B+1), (#d>=0 + 1)/(B+1)))"}
-    metrics["features"] = {"img_size": sizes[0], "n_images": int(len(geo_rows)), **geometry}
-    metrics["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    metrics["seconds"] = round(time.time() - t0, 1)
-    metrics["log"] = log_lines                                  # the val scores of every hyper-parameter tried
-    write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1, default=float))
-    write_text(os.path.join(out, "report.md"), make_report(metrics))
+    save("complete")                                            # metrics.json keeps the log: every val score tried
+    log(metrics["verdict"]["text"])
     if curves:
         draw_pr_curves(curves, data["label_names"], os.path.join(out, "pr_curves.png"))
+    if do_report:
+        draw_report_examples(images, examples, os.path.join(out, "report_examples.png"))
     if seg_preds:
         draw_seg_overlays(images, seg_preds, masks, data["structures"], te_rows, os.path.join(out, "seg_overlays.png"))
     size = seg_size if do_seg else cls_size

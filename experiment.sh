@@ -2,16 +2,19 @@
 # The experiment that shows JEPA pretraining works, without downloads:
 #   synthetic chest phantoms (data_prep.py) -> I-JEPA pretraining of a small ViT (radjepa.py)
 #   -> frozen-encoder probes (eval.py): JEPA vs the same ViT randomly initialised vs raw pixels, with 95% CIs and
-#      paired bootstrap p-values -> OUT/eval/report.md (printed at the end).
+#      paired bootstrap p-values -> OUT/eval/report.md (printed at the end). The phantoms have reports, so the
+#      evaluation includes report generation (decoder on frozen tokens; also a no-image and a retrieval baseline).
 #
 #   bash experiment.sh smoke [OUT]   # ~3 minutes on 2 CPU cores: the pipeline end to end (numbers mean nothing)
 #   bash experiment.sh cpu   [OUT]   # the benchmark on 2 CPU cores, about 60-65 minutes
-#   bash experiment.sh cpu-long [OUT] # the same with 2,000 pretraining steps instead of 1,000, about 90 minutes
+#   bash experiment.sh cpu-long [OUT] # the same with 2,000 pretraining steps instead of 1,000, about 70 minutes
 #   bash experiment.sh gpu   [OUT]   # GPU scale (more images, larger model, more steps): sized for <= 10 min on an H200
 #   bash experiment.sh ablate [OUT] [FLAGS]  # one-factor ablations of the cpu recipe, 2 seeds each, every row probed
 #                                    # alike at 128 and 256 px -> OUT/ablation_s{steps}.md/.json; resumable. FLAGS go
 #                                    # to `eval.py ablate` (--steps N, --rows ID.., --list, --table-only; see --help).
-#                                    # Full table at the default 200 steps: ~6 h of 2 free cores (BENCHMARKS.md §7)
+#                                    # Full table at the default 200 steps: ~6 h of 2 free cores (BENCHMARKS.md §10)
+#   bash experiment.sh gpu-check OUT # GPU: kernels bench + loss curves triton/compile vs torch + end-to-end benchmark,
+#                                    # one call of <= 9 min into one flat folder (python -m kernels.gpu_check)
 #
 # Re-running is cheap: the dataset is kept if OUT/data/meta.json exists, pretraining resumes from OUT/jepa/ckpt.pt
 # (a finished run is not repeated), and eval.py reuses its cached features.
@@ -21,6 +24,7 @@ MODE="${1:-cpu}"
 OUT="${2:-runs/experiment_$MODE}"
 EXTRA=("${@:3}")  # ablate only: flags for eval.py ablate
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+if [ "$MODE" = gpu-check ]; then exec "$PY" -m kernels.gpu_check --out "$OUT"; fi
 
 # Sizes per mode, and why (measurements in BENCHMARKS.md):
 # - patch 16, pretraining at 128 px (8x8 = 64 tokens): enough grid for 4 target blocks of 15-20% plus a context, and
@@ -33,26 +37,30 @@ PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python
 # - three classification probes (eval.py --probe all): mean-pooled linear, grid-pooled linear (4x4 cells: keeps where
 #   things are, which is what the phantom findings change), attentive. The report also gives each encoder's
 #   effective rank (dimensional collapse shows there) and, for the findings, Dice on the images that have them.
+# - report generation on a CPU: a 2-layer, 64-wide decoder for 10 epochs (the default 4 x 256 costs ~4x more per
+#   epoch; the phantom reports have a 62-word vocabulary): 410 CPU-s measured, <= 10 min on 2 cores (BENCHMARKS.md §7).
+REPORT_CPU=(--report-width 64 --report-layers 2 --report-epochs 10 --report-lr 2e-3)
 case "$MODE" in
   smoke)
     N=96;    SIZE=128; SEED=0
     TRAIN=(--model vit_tiny --width 64 --heads 2 --depth 2 --pred-width 32 --pred-depth 1 --patch 16 --img-size 64
            --batch-size 16 --steps 20 --warmup 4 --workers 0 --log-every 5)
-    EVAL=(--img-size 128 --seg-img-size 128 --epochs 5 --seg-epochs 5 --n-boot 100 --mask-size 64 --batch-size 32) ;;
+    EVAL=(--img-size 128 --seg-img-size 128 --epochs 5 --seg-epochs 5 --n-boot 100 --mask-size 64 --batch-size 32
+          --report-epochs 2 --report-width 32 --report-layers 1) ;;
   cpu|ablate)
     # ablate: every row of the table is this recipe with one factor changed (eval.py ablate sets steps and warmup)
     N=2000;  SIZE=256; SEED=0
     TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128
            --batch-size 64 --steps 1000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
-          --batch-size 64) ;;
+          --batch-size 64 "${REPORT_CPU[@]}") ;;
   cpu-long)
-    # the cpu experiment with 2x the pretraining steps (~90 min on 2 cores): JEPA features keep improving with steps
+    # the cpu experiment with 2x the pretraining steps (~70 min on 2 cores): JEPA features keep improving with steps
     N=2000;  SIZE=256; SEED=0
     TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128
            --batch-size 64 --steps 2000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
-          --batch-size 64) ;;
+          --batch-size 64 "${REPORT_CPU[@]}") ;;
   gpu)
     N=20000; SIZE=256; SEED=0
     TRAIN=(--model vit_small --patch 16 --img-size 256 --batch-size 256 --steps 1500 --warmup 150
@@ -60,7 +68,7 @@ case "$MODE" in
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
           --batch-size 256 --device cuda) ;;
   *)
-    echo "usage: bash experiment.sh smoke|cpu|cpu-long|gpu|ablate [OUT]" >&2; exit 2 ;;
+    echo "usage: bash experiment.sh smoke|cpu|cpu-long|gpu|gpu-check|ablate [OUT]" >&2; exit 2 ;;
 esac
 
 mkdir -p "$OUT"
@@ -69,7 +77,7 @@ stamp() { echo "$1 $(( $(date +%s) - T0 ))s" | tee -a "$OUT/timings.txt"; }
 echo "experiment $MODE -> $OUT ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, python $PY)" | tee "$OUT/timings.txt"
 
 # 1. synthetic phantoms: labels Cardiomegaly/Effusion/Nodule/Pneumothorax/Consolidation + masks, split by patient
-if [ ! -f "$OUT/data/meta.json" ]; then
+if [ ! -f "$OUT/data/meta.json" ] || [ ! -f "$OUT/data/reports.csv" ]; then   # (resumes: adds reports.csv)
   "$PY" data_prep.py synthetic "$OUT/data" --n "$N" --size "$SIZE" --seed "$SEED"
 fi
 stamp "data"

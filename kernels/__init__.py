@@ -5,6 +5,9 @@ Triton kernels for RadJEPA's packed variable-length path (optional; radjepa.py r
     kernels/gather.py            gather_rows(x, idx, pos=None), ln_gather_smooth_l1(z, h, idx, eps, beta) + _refs
     kernels/bench.py             GPU benchmark against torch varlen_attn / padded SDPA / truncation (one call)
     kernels/aot_check.py         compile the attention kernels for sm_90 without a GPU; registers, spills, smem
+    kernels/train_bench.py       whole training steps: torch/triton x compile, truncation, official code; MFU
+    kernels/official_ijepa.py    the official I-JEPA train step, run unmodified from third_party/ijepa
+    kernels/gpu_check.py         the one GPU call: bench + loss curves triton/compile vs torch + train_bench
 
 Each kernel file is a self-contained tutorial with a pure-PyTorch reference of the same function. This package
 file imports no kernel module at import time: TRITON_INTERPRET is read when @triton.jit decorates, so whoever wants

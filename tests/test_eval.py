@@ -247,9 +247,11 @@ def test_cli_end_to_end(tiny_run, capsys):
     data, ckpt, root = tiny_run
     out = root / "eval"
     rc = E.main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--epochs", "2", "--seg-epochs", "2",
-                 "--n-boot", "50", "--mask-size", "32"])
+                 "--n-boot", "50", "--mask-size", "32", "--report-epochs", "1", "--report-width", "32",
+                 "--report-layers", "1"])                 # phantoms have reports.csv: --task all includes the report
     assert rc == 0
-    for f in ("metrics.json", "report.md", "pr_curves.png", "seg_overlays.png", "pca_features.png"):
+    for f in ("metrics.json", "report.md", "pr_curves.png", "seg_overlays.png", "pca_features.png",
+              "report_examples.png"):
         assert (out / f).stat().st_size > 0, f
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["seg_grid"] >= 16                                    # seg probed on >= 16x16 tokens by default

@@ -307,7 +307,8 @@ def test_cache_key_of_a_local_folder_follows_its_content(tmp_path):
 def _eval(tiny, out, compare, *extra):
     ckpt, data, _ = tiny
     return E.main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--compare", compare, "--epochs", "2",
-                   "--seg-epochs", "2", "--n-boot", "30", "--mask-size", "32", "--seg-img-size", "64", *extra])
+                   "--seg-epochs", "2", "--n-boot", "30", "--mask-size", "32", "--seg-img-size", "64",
+                   "--report-epochs", "1", "--report-width", "32", "--report-layers", "1", *extra])  # a tiny decoder
 
 
 def _check_other_everywhere(out, source_words):
