@@ -1841,7 +1841,8 @@ def run(args):
     has_reports = os.path.isfile(os.path.join(args.data, "reports.csv"))
     if args.task == "report" and not has_reports:
         raise EvalError(f"{args.data}: --task report needs reports.csv (data_prep.py writes it where reports exist)")
-    do_report = args.task in ("report", "all") and has_reports
+    # --quick leaves report generation out of --task all (a decoder per encoder: minutes more); --task report runs it
+    do_report = (args.task == "report" or args.task == "all" and not args.quick) and has_reports
     do_cls = args.task in ("cls", "all") and data["has_cls"]
     do_seg = args.task in ("seg", "all") and bool(data["structures"])
     if args.task == "all" and not do_cls:
@@ -1849,7 +1850,8 @@ def run(args):
     if args.task == "all" and not do_seg:
         log("skip segmentation: the dataset has no masks/")
     if args.task == "all" and not do_report:
-        log("skip report generation: the dataset has no reports.csv")
+        log("skip report generation: " + ("--quick (run it with --task report)" if has_reports
+                                          else "the dataset has no reports.csv"))
     if not (do_cls or do_seg or do_report):
         raise EvalError(f"{args.data}: nothing to probe (no label with known values in train, no masks/)")
     images = load_images(data, radjepa)
@@ -1970,6 +1972,8 @@ def run(args):
                                                [(s, m) for s in data["structures"] + ["mean"]
                                                 for m in ("dice", "dice_pos")])
         metrics["segmentation"] = seg
+        if do_report:
+            save("partial: classification and segmentation done, report generation still to run")
 
     # --- report generation (its own section above) -------------------------------------------------------------------
     if do_report:
