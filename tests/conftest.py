@@ -6,6 +6,7 @@ must be set before any test imports them. On a machine without CUDA the kernels 
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,3 +14,13 @@ if not torch.cuda.is_available():
 
 # Make `import radjepa`, `import kernels`, ... work from any working directory.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and probes: on busy shared cores extra threads only add overhead (4x slower measured).
+    A test file opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

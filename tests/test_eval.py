@@ -15,13 +15,7 @@ import eval as E
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Probes here are tiny: on busy shared cores extra threads only add overhead (4x slower measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------- metrics by hand

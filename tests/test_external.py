@@ -46,12 +46,7 @@ def test_required_optional_packages_import():
     assert not errors, errors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 # ------------------------------------------------------------------------------------------------------------ fixtures

@@ -33,13 +33,7 @@ def _torch_path():
     radjepa.use_kernels(False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on busy shared cores: extra threads only add overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def images(folder, n=6, size=40, seed=0):
