@@ -43,10 +43,8 @@ from PIL import Image, ImageDraw
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one typed dataclass; argparse is generated from it, so every field is a flag with its help text.
 
-
 def opt(default, help):
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Config:
@@ -119,7 +117,6 @@ RANGES = [("img_size patch width depth heads pred_width pred_depth n_targets min
           ("device", "auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu")),
           ("kernels", "auto, torch or triton", lambda v: v in ("auto", "torch", "triton"))]
 
-
 def parse_args(argv=None):
     """argv -> dict of the flags actually given (field name -> value). `--data cxr/` and `--data=cxr/` both work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
@@ -136,7 +133,6 @@ def parse_args(argv=None):
     given = vars(p.parse_args(argv))  # SUPPRESS: only the flags actually passed appear here
     return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 
-
 def make_config(given, base=None):
     """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line.
     Every value is checked here, before any work starts: a bad one is a one-line ValueError naming the flag."""
@@ -151,9 +147,10 @@ def make_config(given, base=None):
     cfg.update(given)
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k not in unknown})
     for names, allowed, ok in RANGES:
-        for k, v in ((k, getattr(cfg, k)) for k in names.split() if not ok(getattr(cfg, k))):
-            raise ValueError(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}: "
-                             f"must be {allowed}")
+        for k in names.split():
+            if not ok(v := getattr(cfg, k)):
+                v = " ".join(map(str, v)) if isinstance(v, tuple) else v
+                raise ValueError(f"--{k.replace('_', '-')} {v}: must be {allowed}")
     if cfg.stop_at > cfg.steps:
         raise ValueError(f"--stop-at {cfg.stop_at} is beyond --steps {cfg.steps}, where the schedules end")
     if cfg.img_size % cfg.patch:
@@ -173,7 +170,6 @@ def make_config(given, base=None):
 # size, so sequences differ in length. Tokens are stored *packed*: all sequences concatenated into one [T, D] tensor
 # (FlashAttention's varlen layout). Linear, LayerNorm and MLP work per token, so packing costs them nothing; only
 # attention must know where each sequence starts and ends, and that is all Seqs holds.
-
 
 class Seqs:
     """Where S packed sequences start and end. Example: lengths [3, 2] pack the 5 tokens a0 a1 a2 b0 b1, and
@@ -196,11 +192,9 @@ class Seqs:
             seq = torch.repeat_interleave(torch.arange(self.n), lens, output_size=T)  # [T] each token's sequence
             self.unpad = to_device(seq, device), to_device(torch.arange(T) - cu[seq], device)  # ... and slot in it
 
-
 def to_device(t, device):
     """CPU tensor -> device. On CUDA from pinned memory, non-blocking: the host queues the copy and moves on."""
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
-
 
 def attention_torch(q, k, v, seqs):
     """q, k, v [T, H, Dh] packed -> [T, H, Dh]. Each token attends to every token of its own sequence (non-causal)."""
@@ -213,11 +207,9 @@ def attention_torch(q, k, v, seqs):
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # padded *query* rows are computed, then dropped
     return o.transpose(1, 2)[seqs.unpad]  # [S, Lmax, H, Dh] at (seq, slot) -> [T, H, Dh]; no bool mask (a sync)
 
-
 def gather_torch(x, idx, pos):
     """x [B, N, D], idx [T] flat indices into B*N, pos [N, D] -> x.flat[idx] + pos[idx % N]: [T, D]."""
     return x.flatten(0, 1)[idx] + pos[idx % x.shape[1]]
-
 
 def jepa_loss_torch(z, h, idx):
     """Smooth-L1 between predictions z [R, D] and layer-normed (no affine) target features h.flat[idx].
@@ -233,22 +225,19 @@ def jepa_loss_torch(z, h, idx):
 # it replaces (fwd and bwd, same random tensors), so an edit here is never silently undone by a stale kernel.
 OPS = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
 
-
 def use_kernels(triton: bool, check=None):
     """check = dict(width=, head_dims=, device=): compare every kernel op with its torch op first (kernels/)."""
-    reference = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
-    OPS.update(reference)  # the check below runs the torch ops as the model would
+    reference = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)  # looked up now: a
+    OPS.update(reference)  # patched torch op is used; the check below runs the torch ops as the model would
     if triton:
         import kernels
         from kernels.gather import gather_rows, ln_gather_smooth_l1
         from kernels.varlen_attention import varlen_attention
         fast = dict(attention=lambda q, k, v, s: varlen_attention(q, k, v, s.cu, s.max_len), gather=gather_rows,
                     loss=ln_gather_smooth_l1)
-        bad = check and kernels.disagreement(fast, reference, Seqs, **check)
-        if bad:
+        if bad := check and kernels.disagreement(fast, reference, Seqs, **check):
             raise SystemExit(f"error: {bad}")
         OPS.update(fast)
-
 
 def resolve_kernels(choice, device, head_dims=()):
     """--kernels auto|torch|triton -> bool. Never a silent fallback when triton was asked for."""
@@ -273,7 +262,6 @@ def resolve_kernels(choice, device, head_dims=()):
 
 MEAN, STD = 0.5307, 0.2583  # chest-X-ray pixel statistics (Rad-DINO's); images arrive in [0, 1]
 
-
 def sincos_pos_embed(gh, gw, dim, ref=None):
     """Fixed 2-D sin-cos position embedding for a gh x gw patch grid -> [gh*gw, dim] (row-major).
     Half the channels encode the row, half the column; each half is [sin(p*w_i), cos(p*w_i)] with w_i = 10000^(-i/k).
@@ -287,7 +275,6 @@ def sincos_pos_embed(gh, gw, dim, ref=None):
     def enc(p): return torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1)
     return torch.cat([enc(rows.double()), enc(cols.double())], 1).float()  # [N, dim]
 
-
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -299,7 +286,6 @@ class Attention(nn.Module):
         T, D = x.shape
         q, k, v = self.qkv(x).view(T, 3, self.heads, D // self.heads).unbind(1)  # each [T, H, Dh], strided views
         return self.proj(OPS["attention"](q, k, v, seqs).reshape(T, D))
-
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). LayerNorm eps 1e-6, MLP ratio 4, GELU."""
@@ -313,7 +299,6 @@ class Block(nn.Module):
     def forward(self, x, seqs):
         x = x + self.attn(self.norm1(x), seqs)
         return x + self.mlp(self.norm2(x))
-
 
 def init_transformer(module, blocks):
     """trunc_normal(0.02) weights, zero biases; then attn.proj and mlp[2] of block i (1-based) / sqrt(2i), so deep
@@ -329,7 +314,6 @@ def init_transformer(module, blocks):
         for i, blk in enumerate(blocks, start=1):
             blk.attn.proj.weight.div_(math.sqrt(2 * i))
             blk.mlp[2].weight.div_(math.sqrt(2 * i))
-
 
 class ViT(nn.Module):
     """Encoder. Input: grayscale images [B, 1, H, W] in [0, 1] (normalised inside). Output: patch tokens."""
@@ -373,7 +357,6 @@ class ViT(nn.Module):
         if n_last_blocks:
             return [self.norm(o).view(B, gh * gw, -1) for o in outs[-n_last_blocks:]]
         return self.norm(h).view(B, gh * gw, -1)
-
 
 class Predictor(nn.Module):
     """Narrow ViT that predicts target-encoder features at the target patches from the context features.
@@ -420,7 +403,6 @@ class Predictor(nn.Module):
 # 17.6, image quarters 15.5. Fixes to the official sampler: scale and aspect are independent draws; block starts are
 # inclusive (every patch row and column can be context and target); sizes are per image, nothing is truncated.
 
-
 def _block(gen, gh, gw, scale, aspect):
     """A random rectangle of the gh x gw grid: area ~ U(scale) * gh*gw, height/width ~ U(aspect). -> bool [gh, gw]."""
     s, a = (lo + (hi - lo) * torch.rand(1, generator=gen).item() for lo, hi in (scale, aspect))
@@ -431,7 +413,6 @@ def _block(gen, gh, gw, scale, aspect):
     m = torch.zeros(gh, gw, dtype=torch.bool)
     m[top:top + h, left:left + w] = True
     return m
-
 
 def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75, 1.5), ctx_scale=(0.85, 1.0),
                  min_ctx=10, max_tries=100):
@@ -447,7 +428,6 @@ def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75
             return ctx.flatten().nonzero()[:, 0], [t.flatten().nonzero()[:, 0] for t in tgts]
     raise ValueError(f"masking: no context of >= {min_ctx} patches in {max_tries} draws on a {gh}x{gw} grid; "
                      f"use a larger --img-size, smaller --tgt-scale or --min-ctx")
-
 
 def pack_masks(masks, N):
     """Per-image masks -> the flat index tensors that the model consumes (all on CPU; moved to device later).
@@ -480,7 +460,6 @@ def pack_masks(masks, N):
     return dict(ctx_idx=ctx_idx, tgt_idx=torch.cat(tgt_idx), pred_idx=torch.cat(pred_idx), pred_out=torch.cat(pred_out),
                 ctx_len=torch.tensor(ctx_len), tgt_len=torch.tensor(tgt_len), pred_len=torch.tensor(pred_len))
 
-
 def batch_to(mb, device):
     """Move the index tensors to the device and build the two Seqs (context encoder, predictor)."""
     seqs = dict(ctx_seqs=Seqs(mb["ctx_len"], device), pred_seqs=Seqs(mb["pred_len"], device))  # from CPU lengths
@@ -493,10 +472,8 @@ def batch_to(mb, device):
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
-
 class BadImage(Exception):
     pass
-
 
 def load_image(path):
     """Any PNG/JPEG/BMP/TIFF -> float32 [H, W] in [0, 1]. 16-bit data is scaled by its stored bit depth, inferred
@@ -516,15 +493,12 @@ def load_image(path):
         raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if a.ndim == 3:
         a = a[..., 0]
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
     integer, a = np.issubdtype(a.dtype, np.integer), a.astype(np.float32)
-    if integer:
+    if integer:  # 8-bit data: bits = 8, / 255
         bits = max(8, int(np.ceil(np.log2(float(a.max()) + 1))))
         return a / (2.0 ** bits - 1)
     lo, hi = float(a.min()), float(a.max())  # float images: min-max
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-
 
 def list_images(root, out=None):
     """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths.
@@ -542,8 +516,8 @@ def list_images(root, out=None):
         for r in rows:
             img = os.path.normpath(r.get("image") or ".")
             why = ("image path is empty or leaves the folder" if os.path.isabs(img) or img.split(os.sep)[0] in ("..", ".")
-                   else "repeats an earlier row" if img in seen else None if r.get("split") in ("train", "val", "test")
-                   else "split must be train, val or test")
+                   else "repeats an earlier row" if img in seen
+                   else "split must be train, val or test" if r.get("split") not in ("train", "val", "test") else None)
             if why:
                 raise SystemExit(f"error: {csv_path} line {rows.line_num}: {why} ({r.get('image')!r}, split "
                                  f"{r.get('split')!r})")
@@ -565,7 +539,6 @@ def list_images(root, out=None):
         raise SystemExit(f"error: no training images found in {root!r} (extensions: {' '.join(sorted(IMAGE_EXTS))})")
     return sorted(paths)
 
-
 def random_resized_crop(img, size, scale, rng):
     """img [H, W] -> [size, size]: a random box of area ~ U(scale) * H*W and aspect in [3/4, 4/3] (log-uniform),
     resized bilinearly. Falls back to the whole image after 10 misses. Small images are simply upsampled."""
@@ -582,11 +555,9 @@ def random_resized_crop(img, size, scale, rng):
     crop = Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
     return np.asarray(crop, dtype=np.float32).clip(0, 1)
 
-
 def sample_seed(seed, g, stream):
     """Independent seed for global sample number g (augmentation stream 0, masks stream 1)."""
     return int(np.random.SeedSequence([seed, g, stream]).generate_state(1)[0])
-
 
 class StepBatches(torch.utils.data.Sampler):
     """Yields, for each step from `start` on, this rank's share of the global batch as (image index, g) pairs, where
@@ -611,7 +582,6 @@ class StepBatches(torch.utils.data.Sampler):
     def __len__(self):
         return self.steps - self.start
 
-
 class CXRDataset(torch.utils.data.Dataset):
     def __init__(self, paths, cfg):
         self.paths, self.cfg = paths, cfg
@@ -627,7 +597,6 @@ class CXRDataset(torch.utils.data.Dataset):
             return None, str(e), g  # skipped by the collate; the main process logs it once and counts it
         rng = np.random.default_rng(sample_seed(self.cfg.seed, g, 0))
         return torch.from_numpy(random_resized_crop(img, self.cfg.img_size, self.cfg.crop_scale, rng))[None], None, g
-
 
 class Collate:
     """Stack the images and sample each image's masks (in the worker processes, off the training loop's path)."""
@@ -652,27 +621,22 @@ class Collate:
 # ----------------------------------------------------------------------------------------------------------------
 # Schedules: pure functions of the step, so resuming means nothing more than "set step".
 
-
 def lr_at(step, c):
     if step < c.warmup:  # 1) linear warmup start_lr -> lr
         return c.start_lr + (c.lr - c.start_lr) * step / c.warmup
     t = (step - c.warmup) / max(1, c.steps - c.warmup)  # 2) cosine lr -> final_lr over the remaining steps
     return c.final_lr + 0.5 * (c.lr - c.final_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
-
 def wd_at(step, c):  # cosine *increase* wd -> final_wd, as in I-JEPA
     return c.final_wd + 0.5 * (c.wd - c.final_wd) * (1 + math.cos(math.pi * min(step / c.steps, 1.0)))
 
-
 def ema_at(step, c):  # linear ema -> final_ema: the target moves less and less
     return c.ema + (c.final_ema - c.ema) * min(step / c.steps, 1.0)
-
 
 def target_features(target, imgs, k=1):
     """[B, N, D] what the predictor regresses (the loss then layer-norms each token): the last block's output (k = 1),
     or the mean of the last k blocks' outputs, each through the final norm: more than one level of abstraction."""
     return target(imgs) if k == 1 else torch.stack(target(imgs, n_last_blocks=k)).mean(0)
-
 
 @torch.no_grad()
 def ema_update(target, online, m):
@@ -682,7 +646,6 @@ def ema_update(target, online, m):
     becomes avoidable, not impossible, so the log watches std and erank."""
     t, o = list(target.parameters()), list(online.parameters())
     torch._foreach_lerp_(t, o, 1.0 - m)
-
 
 @torch.no_grad()
 def effective_rank(x):
@@ -698,7 +661,6 @@ def effective_rank(x):
 # Checkpoints: one dict, one file, written atomically (temp file, fsync, rename): killing the process or the machine
 # at any moment leaves either the previous checkpoint or the new one, never half of one.
 
-
 def save_atomic(obj, path):
     """A failed write (disk full, ...) removes its temp file, keeps the previous checkpoint and stops in one line."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -710,7 +672,6 @@ def save_atomic(obj, path):
         os.remove(tmp) if os.path.lexists(tmp) else None
         raise SystemExit(f"error: cannot write {path}: {getattr(e, 'strerror', 0) or e}; the previous checkpoint "
                          f"is kept") from None
-
 
 def claim_out(out):
     """Rank 0, before any work: OUT must be a writable folder that no live run uses (a lock for this run's life; the
@@ -733,7 +694,6 @@ def claim_out(out):
         os.remove(os.path.join(out, f))
     return lock
 
-
 @contextmanager
 def whole_step():
     """Ctrl-C is held until optimizer step, EMA and step counter have all changed: resume never repeats or skips one."""
@@ -747,7 +707,6 @@ def whole_step():
     if hit:
         raise KeyboardInterrupt
 
-
 def rng_state():
     """Global RNG states as tensors and tuples (loadable with weights_only=True); training uses per-sample seeds."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -757,7 +716,6 @@ def rng_state():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
-
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     name, keys, pos, has_gauss, gauss = s["numpy"]
@@ -765,7 +723,6 @@ def set_rng_state(s):
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
 
 def read_checkpoint(path):
     try:
@@ -776,7 +733,6 @@ def read_checkpoint(path):
     if not isinstance(ck, dict) or ck.get("format") != "radjepa-v1" or missing:
         raise ValueError(f"{path} is not a RadJEPA checkpoint: missing {sorted(missing) or 'format marker'}")
     return ck
-
 
 def load_weights(ck, path, **modules):
     """Checkpoint state dicts -> modules; NaN/Inf weights or shapes that disagree with its config: one-line ValueError."""
@@ -791,10 +747,8 @@ def load_weights(ck, path, **modules):
             raise ValueError(f"{path}: its {key} does not fit the architecture of its config: "
                              f"{str(e).strip().splitlines()[-1].strip()[:200]}") from None
 
-
 def build_encoder(c):
     return ViT(c.patch, c.width, c.depth, c.heads, ref_grid=(c.img_size // c.patch,) * 2)
-
 
 def load_encoder(path, device="cpu", random_init=False, seed=0):
     """The EMA target encoder of a RadJEPA checkpoint, in eval mode, for probes:
@@ -810,7 +764,6 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
     enc.config = asdict(c)
     return enc.to(device).eval().requires_grad_(False)
 
-
 def export_timm(ckpt_path, out_dir):
     """The EMA target encoder as a folder that timm reads (no timm needed here): pytorch_model.bin, a plain state dict
     with the key names of timm's VisionTransformer(in_chans=1, class_token=False, global_pool="avg", fc_norm=False,
@@ -820,12 +773,8 @@ def export_timm(ckpt_path, out_dir):
     normalises outside the model: tokens = model.forward_features((x - mean) / std) == load_encoder(ckpt)(x)."""
     ck = read_checkpoint(ckpt_path)
     c, g = make_config({}, ck["config"]), ck["config"]["img_size"] // ck["config"]["patch"]
-    rename = (("patch_embed.", "patch_embed.proj."), (".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."))
-    sd = {}
-    for k, v in ck["target_encoder"].items():
-        for ours, theirs in rename:
-            k = k.replace(ours, theirs)
-        sd[k] = v.float().contiguous()
+    sd = {k.replace("patch_embed.", "patch_embed.proj.").replace(".mlp.0.", ".mlp.fc1.")  # only names differ
+          .replace(".mlp.2.", ".mlp.fc2."): v.float().contiguous() for k, v in ck["target_encoder"].items()}
     sd["pos_embed"] = sincos_pos_embed(g, g, c.width)[None]  # no class token -> no extra slot: [1, g*g, D]
     args = dict(img_size=c.img_size, patch_size=c.patch, in_chans=1, embed_dim=c.width, depth=c.depth,
                 num_heads=c.heads, mlp_ratio=4.0, qkv_bias=True, class_token=False, no_embed_class=True,
@@ -846,7 +795,6 @@ def export_timm(ckpt_path, out_dir):
     os.replace(tmp, os.path.join(out_dir, "config.json"))
     return cfg
 
-
 def export_main(argv):
     p = argparse.ArgumentParser(prog="radjepa.py export", description="the EMA target encoder as a timm "
                                 "VisionTransformer folder: pytorch_model.bin (timm key names) + config.json "
@@ -865,7 +813,6 @@ def export_main(argv):
 # ----------------------------------------------------------------------------------------------------------------
 # Training.
 
-
 def setup_distributed(c):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python radjepa.py` never creates a process group."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -883,13 +830,11 @@ def setup_distributed(c):
     device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device(dev)
     return ddp, rank, world, device
 
-
 def param_groups(*modules):
     """AdamW groups: weight decay on matrices only; biases, norms, the mask token (all 1-D) are not decayed."""
     ps = [p for m in modules for p in m.parameters() if p.requires_grad]
     return [dict(params=[p for p in ps if p.ndim >= 2], wd_scale=1.0),
             dict(params=[p for p in ps if p.ndim < 2], wd_scale=0.0)]
-
 
 def train_step(enc, pred, target, opt, mb, grid, m, clip=0.0, autocast=nullcontext(), check=True, target_blocks=1):
     """One optimisation step on a batch already on the device (enc, pred may be DDP-wrapped). Returns the loss (mean
@@ -904,10 +849,10 @@ def train_step(enc, pred, target, opt, mb, grid, m, clip=0.0, autocast=nullconte
         # Step 3. loss on layer-normed target features at the target patches (normalised inside OPS).
         loss = OPS["loss"](z, h, mb["tgt_idx"])
     share, ddp = 1.0, isinstance(enc, nn.parallel.DistributedDataParallel)
-    if ddp:  # weight each process's mean by its share of target
-        n = torch.tensor([0.0 if "stand_in" in mb else float(len(mb["tgt_idx"]))], device=loss.device)  # tokens:
-        n_all = n.clone()                       # the DDP gradient average is then the gradient of the global mean
-        dist.all_reduce(n_all)                  # (a stand-in batch of an unreadable share weighs nothing)
+    if ddp:  # weight each process's mean by its share of target tokens: the DDP gradient average is then the gradient
+        n = torch.tensor([0.0 if "stand_in" in mb else float(len(mb["tgt_idx"]))], device=loss.device)  # of the global
+        n_all = n.clone()  # mean (a stand-in batch of an unreadable share weighs nothing)
+        dist.all_reduce(n_all)
         share = n * dist.get_world_size() / n_all.clamp_min(1)
     opt.zero_grad(set_to_none=True)
     (loss * share).backward()
@@ -924,7 +869,6 @@ def train_step(enc, pred, target, opt, mb, grid, m, clip=0.0, autocast=nullconte
     ema_update(target, getattr(enc, "module", enc), m)
     return loss[0], gnorm, h
 
-
 def train(c: Config):
     ddp, rank, world, device = setup_distributed(c)
     master = rank == 0
@@ -936,7 +880,7 @@ def train(c: Config):
     target = build_encoder(c).to(device).requires_grad_(False)  # the EMA copy: never trained, never DDP-wrapped
     target.load_state_dict(encoder.state_dict())
     opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999), fused=True)  # fused: fast
-    step = 0
+    step, end = 0, c.stop_at or c.steps
     if c.resume and os.path.exists(ckpt_path):
         try:
             ck = read_checkpoint(ckpt_path)
@@ -952,15 +896,15 @@ def train(c: Config):
     if step == c.steps:  # re-running a finished run changes nothing (and succeeds); any other zero-step run fails
         print(f"{ckpt_path} is already at its last step, {step}: nothing to do")
         return encoder, predictor, target
-    if step >= (c.stop_at or c.steps):
-        raise SystemExit(f"error: {ckpt_path} is at step {step}, this run ends at step {c.stop_at or c.steps}: "
+    if step >= end:
+        raise SystemExit(f"error: {ckpt_path} is at step {step}, this run ends at step {end}: "
                          f"nothing to train (raise --steps to continue it)")
 
     head_dims = (c.width // c.heads, c.pred_width // c.heads)
     triton = resolve_kernels(c.kernels, device, head_dims)
     use_kernels(triton, check=dict(width=c.width, head_dims=head_dims, device=device))
     paths = list_images(c.data, c.out)
-    sampler = StepBatches(len(paths), c.batch_size, c.seed, step, c.stop_at or c.steps, rank, world)
+    sampler = StepBatches(len(paths), c.batch_size, c.seed, step, end, rank, world)
     loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, collate_fn=Collate(c),
                                          num_workers=c.workers, pin_memory=device.type == "cuda")
     if c.compile:  # in place (Module.compile): state_dict keys stay clean; dynamic: packed lengths vary every step
@@ -991,11 +935,12 @@ def train(c: Config):
             f.write(json.dumps(header) + "\n")
         print(f"RadJEPA | {len(paths)} images | encoder {header['params_encoder'] / 1e6:.1f}M, predictor "
               f"{header['params_predictor'] / 1e6:.1f}M params | {world} process(es) on {device} | kernels: "
-              f"{header['kernels']} | steps {step}->{c.stop_at or c.steps}")
+              f"{header['kernels']} | steps {step}->{end}")
     from tqdm import tqdm
-    bar = tqdm(total=(c.stop_at or c.steps), initial=step, disable=not master, dynamic_ncols=True)
-    seen_bad, empty, t0, imgs_since = set(), 0, time.time(), 0  # unreadable files; batches in a row without an image
-    stats = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0)
+    bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True)
+    seen_bad, empty = set(), 0  # unreadable files; batches in a row without an image
+    def fresh_stats(): return dict(loss=0.0, ctx=0.0, tgt=0.0, std=0.0, n=0, imgs=0, t0=time.time())  # per log line
+    stats = fresh_stats()
     try:
         for mb in loader:
             for err in mb["bad"]:  # unreadable files: warn once each, count them, keep training
@@ -1016,7 +961,7 @@ def train(c: Config):
             lr, wd, m = lr_at(step, c), wd_at(step, c), ema_at(step, c)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
-            end = c.stop_at or c.steps  # the loss is checked (a device sync) only where we log or checkpoint:
+            # the loss is checked (a device sync) only where we log or checkpoint:
             check = (step + 1) % c.log_every == 0 or (step + 1) % c.ckpt_every == 0 or step + 1 == end
             with whole_step():  # Ctrl-C waits for the step and its count: a checkpoint never holds half a step
                 loss, gnorm, h = train_step(enc, pred, target, opt, mb, grid, m, c.clip, autocast, check,
@@ -1024,17 +969,16 @@ def train(c: Config):
                 step += 1
             with torch.no_grad():  # collapse indicator: per-dimension std across the batch of pooled target features
                 stats["std"] += h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
-            stats["loss"] += loss  # device tensors: read on log steps only
-            stats["ctx"] += mb["ctx_len"].numpy().mean()  # lengths stay on the CPU (batch_to)
+            stats["loss"] += loss  # device tensors: read on log steps only; lengths stay on the CPU (batch_to)
+            stats["ctx"] += mb["ctx_len"].numpy().mean()
             stats["tgt"] += mb["tgt_len"].numpy().mean()
-            stats["n"] += 1
-            imgs_since += len(mb["imgs"]) * world
+            stats["n"], stats["imgs"] = stats["n"] + 1, stats["imgs"] + len(mb["imgs"]) * world
             bar.update(1)
-            if master and (step % c.log_every == 0 or step == (c.stop_at or c.steps)):
-                dt = time.time() - t0
+            if master and (step % c.log_every == 0 or step == end):
                 n = stats["n"]
-                rec = dict(type="train", step=step, loss=float(stats["loss"]) / n, lr=lr, wd=wd, ema=m, grad_norm=float(gnorm),
-                           img_per_s=imgs_since / dt, ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
+                rec = dict(type="train", step=step, loss=float(stats["loss"]) / n, lr=lr, wd=wd, ema=m,
+                           grad_norm=float(gnorm), img_per_s=stats["imgs"] / (time.time() - stats["t0"]),
+                           ctx_patches=stats["ctx"] / n, tgt_patches=stats["tgt"] / n,
                            target_std=float(stats["std"]) / n, skipped_files=len(seen_bad), time=time.time(),
                            # this step's target tokens, <= 4096 of them: how many directions the features use
                            target_erank=effective_rank(h.reshape(-1, h.shape[-1])[:4096]))
@@ -1044,13 +988,13 @@ def train(c: Config):
                            f"gnorm {rec['grad_norm']:.3f} | {rec['img_per_s']:.1f} img/s | ctx {rec['ctx_patches']:.1f} "
                            f"tgt {rec['tgt_patches']:.1f} | std {rec['target_std']:.3f} | erank {rec['target_erank']:.1f} | "
                            f"skipped {len(seen_bad)}")
-                stats, t0, imgs_since = dict(loss=0.0, ctx=0, tgt=0, n=0, std=0.0), time.time(), 0
+                stats = fresh_stats()
             if step % c.ckpt_every == 0:
                 checkpoint(step)
     except FloatingPointError as e:
         bar.close()
-        raise SystemExit(f"error: {e} at step {step}. Stopping without saving: {ckpt_path} still holds the last good checkpoint. "
-                         f"Try a lower --lr, longer --warmup or --clip 1.0.")
+        raise SystemExit(f"error: {e} at step {step}. Stopping without saving: {ckpt_path} still holds the last good "
+                         f"checkpoint. Try a lower --lr, longer --warmup or --clip 1.0.")
     except KeyboardInterrupt:
         if master:
             print(f"\ninterrupted at step {step}: checkpointing so that --resume continues from here")
@@ -1065,7 +1009,6 @@ def train(c: Config):
         dist.destroy_process_group()
     return encoder, predictor, target
 
-
 def loader_speed(c):
     """Images/s of the training loader alone, no model: is data loading the bottleneck? (data_prep.py bench)"""
     paths = list_images(c.data)
@@ -1079,7 +1022,6 @@ def loader_speed(c):
 # ----------------------------------------------------------------------------------------------------------------
 # Pictures and bookkeeping.
 
-
 def versions():
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -1092,8 +1034,7 @@ def versions():
 
 PLOT_CURVES = (("loss", "loss (smooth-L1, layer-normed features)"), ("target_std", "target_std (across the batch)"),
                ("target_erank", "target_erank (directions used, of the width)"))
-LEGEND = [(60, 110, 255)] + [(230, 60, 60), (60, 180, 75), (245, 160, 30), (170, 60, 200), (70, 200, 220)]
-
+LEGEND = [(60, 110, 255), (230, 60, 60), (60, 180, 75), (245, 160, 30), (170, 60, 200), (70, 200, 220)]  # ctx, 5 tgts
 
 def plot_log(log_path, png_path, w=720, ph=170):
     """log.jsonl -> loss.png: one panel per curve, y from 0 with ticks, the step on x. Drawn with PIL alone."""
@@ -1121,7 +1062,6 @@ def plot_log(log_path, png_path, w=720, ph=170):
         d.line([(X(r["step"]), Y(y)) for r, y in zip(recs, ys)], fill="navy", width=2)
     im.save(png_path + ".tmp.png")  # temp file + rename: a reader never sees half a picture
     os.replace(png_path + ".tmp.png", png_path)
-
 
 def save_mask_picture(c, paths, png_path, n=4):
     """What the model sees: n training crops (>= 256 px each) with the context (blue) and each target block in its
@@ -1153,7 +1093,6 @@ def save_mask_picture(c, paths, png_path, n=4):
         x += 28 + 6 * len(name)
     im.save(png_path + ".tmp.png")
     os.replace(png_path + ".tmp.png", png_path)
-
 
 def main(argv=None):
     given = parse_args(argv)
