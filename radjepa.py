@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 def opt(default, help):
     return field(default=default, metadata={"help": help})
 
+
 @dataclass
 class Config:
     # --- data ---
@@ -117,6 +118,7 @@ RANGES = [("img_size patch width depth heads pred_width pred_depth n_targets min
           ("device", "auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu")),
           ("kernels", "auto, torch or triton", lambda v: v in ("auto", "torch", "triton"))]
 
+
 def parse_args(argv=None):
     """argv -> dict of the flags actually given (field name -> value). `--data cxr/` and `--data=cxr/` both work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
@@ -132,6 +134,7 @@ def parse_args(argv=None):
             p.add_argument(flag, type=type(f.default), help=h)
     given = vars(p.parse_args(argv))  # SUPPRESS: only the flags actually passed appear here
     return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
 
 def make_config(given, base=None):
     """defaults <- preset of --model <- (checkpoint config on resume) <- flags given on the command line.
@@ -192,9 +195,11 @@ class Seqs:
             seq = torch.repeat_interleave(torch.arange(self.n), lens, output_size=T)  # [T] each token's sequence
             self.unpad = to_device(seq, device), to_device(torch.arange(T) - cu[seq], device)  # ... and slot in it
 
+
 def to_device(t, device):
     """CPU tensor -> device. On CUDA from pinned memory, non-blocking: the host queues the copy and moves on."""
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
 
 def attention_torch(q, k, v, seqs):
     """q, k, v [T, H, Dh] packed -> [T, H, Dh]. Each token attends to every token of its own sequence (non-causal)."""
@@ -207,9 +212,11 @@ def attention_torch(q, k, v, seqs):
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # padded *query* rows are computed, then dropped
     return o.transpose(1, 2)[seqs.unpad]  # [S, Lmax, H, Dh] at (seq, slot) -> [T, H, Dh]; no bool mask (a sync)
 
+
 def gather_torch(x, idx, pos):
     """x [B, N, D], idx [T] flat indices into B*N, pos [N, D] -> x.flat[idx] + pos[idx % N]: [T, D]."""
     return x.flatten(0, 1)[idx] + pos[idx % x.shape[1]]
+
 
 def jepa_loss_torch(z, h, idx):
     """Smooth-L1 between predictions z [R, D] and layer-normed (no affine) target features h.flat[idx].
@@ -225,6 +232,7 @@ def jepa_loss_torch(z, h, idx):
 # it replaces (fwd and bwd, same random tensors), so an edit here is never silently undone by a stale kernel.
 OPS = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)
 
+
 def use_kernels(triton: bool, check=None):
     """check = dict(width=, head_dims=, device=): compare every kernel op with its torch op first (kernels/)."""
     reference = dict(attention=attention_torch, gather=gather_torch, loss=jepa_loss_torch)  # looked up now: a
@@ -238,6 +246,7 @@ def use_kernels(triton: bool, check=None):
         if bad := check and kernels.disagreement(fast, reference, Seqs, **check):
             raise SystemExit(f"error: {bad}")
         OPS.update(fast)
+
 
 def resolve_kernels(choice, device, head_dims=()):
     """--kernels auto|torch|triton -> bool. Never a silent fallback when triton was asked for."""
@@ -262,6 +271,7 @@ def resolve_kernels(choice, device, head_dims=()):
 
 MEAN, STD = 0.5307, 0.2583  # chest-X-ray pixel statistics (Rad-DINO's); images arrive in [0, 1]
 
+
 def sincos_pos_embed(gh, gw, dim, ref=None):
     """Fixed 2-D sin-cos position embedding for a gh x gw patch grid -> [gh*gw, dim] (row-major).
     Half the channels encode the row, half the column; each half is [sin(p*w_i), cos(p*w_i)] with w_i = 10000^(-i/k).
@@ -275,6 +285,7 @@ def sincos_pos_embed(gh, gw, dim, ref=None):
     def enc(p): return torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1)
     return torch.cat([enc(rows.double()), enc(cols.double())], 1).float()  # [N, dim]
 
+
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -286,6 +297,7 @@ class Attention(nn.Module):
         T, D = x.shape
         q, k, v = self.qkv(x).view(T, 3, self.heads, D // self.heads).unbind(1)  # each [T, H, Dh], strided views
         return self.proj(OPS["attention"](q, k, v, seqs).reshape(T, D))
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). LayerNorm eps 1e-6, MLP ratio 4, GELU."""
@@ -299,6 +311,7 @@ class Block(nn.Module):
     def forward(self, x, seqs):
         x = x + self.attn(self.norm1(x), seqs)
         return x + self.mlp(self.norm2(x))
+
 
 def init_transformer(module, blocks):
     """trunc_normal(0.02) weights, zero biases; then attn.proj and mlp[2] of block i (1-based) / sqrt(2i), so deep
@@ -314,6 +327,7 @@ def init_transformer(module, blocks):
         for i, blk in enumerate(blocks, start=1):
             blk.attn.proj.weight.div_(math.sqrt(2 * i))
             blk.mlp[2].weight.div_(math.sqrt(2 * i))
+
 
 class ViT(nn.Module):
     """Encoder. Input: grayscale images [B, 1, H, W] in [0, 1] (normalised inside). Output: patch tokens."""
@@ -357,6 +371,7 @@ class ViT(nn.Module):
         if n_last_blocks:
             return [self.norm(o).view(B, gh * gw, -1) for o in outs[-n_last_blocks:]]
         return self.norm(h).view(B, gh * gw, -1)
+
 
 class Predictor(nn.Module):
     """Narrow ViT that predicts target-encoder features at the target patches from the context features.
@@ -414,6 +429,7 @@ def _block(gen, gh, gw, scale, aspect):
     m[top:top + h, left:left + w] = True
     return m
 
+
 def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75, 1.5), ctx_scale=(0.85, 1.0),
                  min_ctx=10, max_tries=100):
     """-> (ctx [Kc] long, [tgt_1 [K1], ..., tgt_M [KM]] long): sorted flat patch indices (row-major) of one image.
@@ -428,6 +444,7 @@ def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75
             return ctx.flatten().nonzero()[:, 0], [t.flatten().nonzero()[:, 0] for t in tgts]
     raise ValueError(f"masking: no context of >= {min_ctx} patches in {max_tries} draws on a {gh}x{gw} grid; "
                      f"use a larger --img-size, smaller --tgt-scale or --min-ctx")
+
 
 def pack_masks(masks, N):
     """Per-image masks -> the flat index tensors that the model consumes (all on CPU; moved to device later).
@@ -460,6 +477,7 @@ def pack_masks(masks, N):
     return dict(ctx_idx=ctx_idx, tgt_idx=torch.cat(tgt_idx), pred_idx=torch.cat(pred_idx), pred_out=torch.cat(pred_out),
                 ctx_len=torch.tensor(ctx_len), tgt_len=torch.tensor(tgt_len), pred_len=torch.tensor(pred_len))
 
+
 def batch_to(mb, device):
     """Move the index tensors to the device and build the two Seqs (context encoder, predictor)."""
     seqs = dict(ctx_seqs=Seqs(mb["ctx_len"], device), pred_seqs=Seqs(mb["pred_len"], device))  # from CPU lengths
@@ -472,8 +490,10 @@ def batch_to(mb, device):
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
+
 class BadImage(Exception):
     pass
+
 
 def load_image(path):
     """Any PNG/JPEG/BMP/TIFF -> float32 [H, W] in [0, 1]. 16-bit data is scaled by its stored bit depth, inferred
@@ -499,6 +519,7 @@ def load_image(path):
         return a / (2.0 ** bits - 1)
     lo, hi = float(a.min()), float(a.max())  # float images: min-max
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
 
 def list_images(root, out=None):
     """A data_prep.py folder (labels.csv: train split only) or any tree of image files. -> sorted list of paths.
@@ -539,6 +560,7 @@ def list_images(root, out=None):
         raise SystemExit(f"error: no training images found in {root!r} (extensions: {' '.join(sorted(IMAGE_EXTS))})")
     return sorted(paths)
 
+
 def random_resized_crop(img, size, scale, rng):
     """img [H, W] -> [size, size]: a random box of area ~ U(scale) * H*W and aspect in [3/4, 4/3] (log-uniform),
     resized bilinearly. Falls back to the whole image after 10 misses. Small images are simply upsampled."""
@@ -555,9 +577,11 @@ def random_resized_crop(img, size, scale, rng):
     crop = Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
     return np.asarray(crop, dtype=np.float32).clip(0, 1)
 
+
 def sample_seed(seed, g, stream):
     """Independent seed for global sample number g (augmentation stream 0, masks stream 1)."""
     return int(np.random.SeedSequence([seed, g, stream]).generate_state(1)[0])
+
 
 class StepBatches(torch.utils.data.Sampler):
     """Yields, for each step from `start` on, this rank's share of the global batch as (image index, g) pairs, where
@@ -582,6 +606,7 @@ class StepBatches(torch.utils.data.Sampler):
     def __len__(self):
         return self.steps - self.start
 
+
 class CXRDataset(torch.utils.data.Dataset):
     def __init__(self, paths, cfg):
         self.paths, self.cfg = paths, cfg
@@ -597,6 +622,7 @@ class CXRDataset(torch.utils.data.Dataset):
             return None, str(e), g  # skipped by the collate; the main process logs it once and counts it
         rng = np.random.default_rng(sample_seed(self.cfg.seed, g, 0))
         return torch.from_numpy(random_resized_crop(img, self.cfg.img_size, self.cfg.crop_scale, rng))[None], None, g
+
 
 class Collate:
     """Stack the images and sample each image's masks (in the worker processes, off the training loop's path)."""
@@ -627,16 +653,20 @@ def lr_at(step, c):
     t = (step - c.warmup) / max(1, c.steps - c.warmup)  # 2) cosine lr -> final_lr over the remaining steps
     return c.final_lr + 0.5 * (c.lr - c.final_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
+
 def wd_at(step, c):  # cosine *increase* wd -> final_wd, as in I-JEPA
     return c.final_wd + 0.5 * (c.wd - c.final_wd) * (1 + math.cos(math.pi * min(step / c.steps, 1.0)))
 
+
 def ema_at(step, c):  # linear ema -> final_ema: the target moves less and less
     return c.ema + (c.final_ema - c.ema) * min(step / c.steps, 1.0)
+
 
 def target_features(target, imgs, k=1):
     """[B, N, D] what the predictor regresses (the loss then layer-norms each token): the last block's output (k = 1),
     or the mean of the last k blocks' outputs, each through the final norm: more than one level of abstraction."""
     return target(imgs) if k == 1 else torch.stack(target(imgs, n_last_blocks=k)).mean(0)
+
 
 @torch.no_grad()
 def ema_update(target, online, m):
@@ -646,6 +676,7 @@ def ema_update(target, online, m):
     becomes avoidable, not impossible, so the log watches std and erank."""
     t, o = list(target.parameters()), list(online.parameters())
     torch._foreach_lerp_(t, o, 1.0 - m)
+
 
 @torch.no_grad()
 def effective_rank(x):
@@ -673,6 +704,7 @@ def save_atomic(obj, path):
         raise SystemExit(f"error: cannot write {path}: {getattr(e, 'strerror', 0) or e}; the previous checkpoint "
                          f"is kept") from None
 
+
 def claim_out(out):
     """Rank 0, before any work: OUT must be a writable folder that no live run uses (a lock for this run's life; the
     OS drops a dead process's lock, so a stale one is taken over). -> the open lock file, which holds our pid."""
@@ -694,6 +726,7 @@ def claim_out(out):
         os.remove(os.path.join(out, f))
     return lock
 
+
 @contextmanager
 def whole_step():
     """Ctrl-C is held until optimizer step, EMA and step counter have all changed: resume never repeats or skips one."""
@@ -707,6 +740,7 @@ def whole_step():
     if hit:
         raise KeyboardInterrupt
 
+
 def rng_state():
     """Global RNG states as tensors and tuples (loadable with weights_only=True); training uses per-sample seeds."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -716,6 +750,7 @@ def rng_state():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
+
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     name, keys, pos, has_gauss, gauss = s["numpy"]
@@ -723,6 +758,7 @@ def set_rng_state(s):
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
 
 def read_checkpoint(path):
     try:
@@ -733,6 +769,7 @@ def read_checkpoint(path):
     if not isinstance(ck, dict) or ck.get("format") != "radjepa-v1" or missing:
         raise ValueError(f"{path} is not a RadJEPA checkpoint: missing {sorted(missing) or 'format marker'}")
     return ck
+
 
 def load_weights(ck, path, **modules):
     """Checkpoint state dicts -> modules; NaN/Inf weights or shapes that disagree with its config: one-line ValueError."""
@@ -747,8 +784,10 @@ def load_weights(ck, path, **modules):
             raise ValueError(f"{path}: its {key} does not fit the architecture of its config: "
                              f"{str(e).strip().splitlines()[-1].strip()[:200]}") from None
 
+
 def build_encoder(c):
     return ViT(c.patch, c.width, c.depth, c.heads, ref_grid=(c.img_size // c.patch,) * 2)
+
 
 def load_encoder(path, device="cpu", random_init=False, seed=0):
     """The EMA target encoder of a RadJEPA checkpoint, in eval mode, for probes:
@@ -763,6 +802,7 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
         load_weights(ck, path, target_encoder=enc)
     enc.config = asdict(c)
     return enc.to(device).eval().requires_grad_(False)
+
 
 def export_timm(ckpt_path, out_dir):
     """The EMA target encoder as a folder that timm reads (no timm needed here): pytorch_model.bin, a plain state dict
@@ -794,6 +834,7 @@ def export_timm(ckpt_path, out_dir):
         json.dump(cfg, f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "config.json"))
     return cfg
+
 
 def export_main(argv):
     p = argparse.ArgumentParser(prog="radjepa.py export", description="the EMA target encoder as a timm "
@@ -830,11 +871,13 @@ def setup_distributed(c):
     device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device(dev)
     return ddp, rank, world, device
 
+
 def param_groups(*modules):
     """AdamW groups: weight decay on matrices only; biases, norms, the mask token (all 1-D) are not decayed."""
     ps = [p for m in modules for p in m.parameters() if p.requires_grad]
     return [dict(params=[p for p in ps if p.ndim >= 2], wd_scale=1.0),
             dict(params=[p for p in ps if p.ndim < 2], wd_scale=0.0)]
+
 
 def train_step(enc, pred, target, opt, mb, grid, m, clip=0.0, autocast=nullcontext(), check=True, target_blocks=1):
     """One optimisation step on a batch already on the device (enc, pred may be DDP-wrapped). Returns the loss (mean
@@ -868,6 +911,7 @@ def train_step(enc, pred, target, opt, mb, grid, m, clip=0.0, autocast=nullconte
     # Step 4. the target encoder follows the encoder slowly.
     ema_update(target, getattr(enc, "module", enc), m)
     return loss[0], gnorm, h
+
 
 def train(c: Config):
     ddp, rank, world, device = setup_distributed(c)
@@ -1009,6 +1053,7 @@ def train(c: Config):
         dist.destroy_process_group()
     return encoder, predictor, target
 
+
 def loader_speed(c):
     """Images/s of the training loader alone, no model: is data loading the bottleneck? (data_prep.py bench)"""
     paths = list_images(c.data)
@@ -1036,6 +1081,7 @@ PLOT_CURVES = (("loss", "loss (smooth-L1, layer-normed features)"), ("target_std
                ("target_erank", "target_erank (directions used, of the width)"))
 LEGEND = [(60, 110, 255), (230, 60, 60), (60, 180, 75), (245, 160, 30), (170, 60, 200), (70, 200, 220)]  # ctx, 5 tgts
 
+
 def plot_log(log_path, png_path, w=720, ph=170):
     """log.jsonl -> loss.png: one panel per curve, y from 0 with ticks, the step on x. Drawn with PIL alone."""
     recs = [r for r in map(json.loads, open(log_path)) if r.get("type") == "train" or "loss" in r]
@@ -1062,6 +1108,7 @@ def plot_log(log_path, png_path, w=720, ph=170):
         d.line([(X(r["step"]), Y(y)) for r, y in zip(recs, ys)], fill="navy", width=2)
     im.save(png_path + ".tmp.png")  # temp file + rename: a reader never sees half a picture
     os.replace(png_path + ".tmp.png", png_path)
+
 
 def save_mask_picture(c, paths, png_path, n=4):
     """What the model sees: n training crops (>= 256 px each) with the context (blue) and each target block in its
@@ -1093,6 +1140,7 @@ def save_mask_picture(c, paths, png_path, n=4):
         x += 28 + 6 * len(name)
     im.save(png_path + ".tmp.png")
     os.replace(png_path + ".tmp.png", png_path)
+
 
 def main(argv=None):
     given = parse_args(argv)
