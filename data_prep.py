@@ -278,7 +278,7 @@ def write_png_atomic(arr, path):
 def write_text_atomic(text, path):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")  # the readers insist on UTF-8; ids and reports may be non-ASCII
     os.replace(tmp, path)
 
 
@@ -1002,10 +1002,7 @@ def write_reports(out, tasks):
     w.writerow(["image", "findings", "impression"])
     rows = [t for t in sorted(tasks, key=lambda t: t["id"]) if t.get("report")]
     w.writerows([f"images/{t['id']}.png", t["report"]["findings"], t["report"]["impression"]] for t in rows)
-    path = Path(out) / "reports.csv"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(buf.getvalue(), Path(out) / "reports.csv")
     return {"n_images_with_report": len(rows), "n_images_without": len(tasks) - len(rows)}
 
 SOURCES = {"nih": src_nih, "chexpert": src_chexpert, "mimic": src_mimic, "vindr": src_vindr, "rsna": src_rsna,

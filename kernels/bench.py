@@ -304,10 +304,19 @@ def to_markdown(r):
 
 
 def write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def save_results(out, stem, result, to_markdown):
+    """OUT/<stem>.json and OUT/<stem>.md, each written atomically (kernels.bench and kernels.train_bench)."""
+    os.makedirs(out, exist_ok=True)
+    write_atomic(os.path.join(out, f"{stem}.json"), json.dumps(result, indent=2))
+    md = to_markdown(result)
+    write_atomic(os.path.join(out, f"{stem}.md"), md)
+    print(md)
 
 
 def main(argv=None):
@@ -331,11 +340,7 @@ def main(argv=None):
                   command="python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
                   attention=attention_section(args, device, timer), gather=gather_section(args, device, timer))
     result["seconds"] = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "kernels_bench.json"), json.dumps(result, indent=2))
-    md = to_markdown(result)
-    write_atomic(os.path.join(args.out, "kernels_bench.md"), md)
-    print(md)
+    save_results(args.out, "kernels_bench", result, to_markdown)
     return result
 
 

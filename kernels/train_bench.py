@@ -47,8 +47,9 @@ import time
 import traceback
 from datetime import datetime, timezone
 
+from kernels.bench import H200_BF16_TFLOPS, save_results  # one peak rate, one result writer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-H200_BF16_TFLOPS = 790.0  # as in kernels/bench.py
 
 # name -> model preset, patch, image size, batch, predictor width x depth (min_ctx: only the tiny grid needs less)
 CONFIGS = {
@@ -530,13 +531,6 @@ def to_markdown(res):
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 FLOPS_FORMULA = ("block(L,w) = 24 L w^2 + 4 L^2 w; target = sum_b [2 N P w + depth block(N,w)] (fwd only); context = "
                  "3 sum_b [2 K_b P w + depth block(K_b,w)]; predictor = 3 [sum_b 2 K_b w wp + sum_bj (pdepth "
                  "block(K_b+T_bj, wp) + 2 T_bj wp w)]; MFU = FLOPs / step time / 790 TFLOP/s (H200 bf16 GEMM, "
@@ -615,11 +609,7 @@ def main(argv=None):
                mode="smoke" if a.smoke else "interleaved" if a.interleave else "full",
                command="python -m kernels.train_bench " + " ".join(argv), seconds=time.time() - t0,
                flops_formula=FLOPS_FORMULA, peak_tflops=H200_BF16_TFLOPS, rows=rows)
-    os.makedirs(a.out, exist_ok=True)
-    write_atomic(os.path.join(a.out, "train_bench.json"), json.dumps(res, indent=2))
-    md = to_markdown(res)
-    write_atomic(os.path.join(a.out, "train_bench.md"), md)
-    print(md)
+    save_results(a.out, "train_bench", res, to_markdown)
     return res
 
 

@@ -24,3 +24,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def torch_path():
+    """Every test starts and ends on the PyTorch ops (a test that turns the kernels on cannot leak them into the
+    next one). A test file opts in with `pytestmark = pytest.mark.usefixtures("torch_path")`."""
+    import radjepa
+    radjepa.use_kernels(False)
+    yield
+    radjepa.use_kernels(False)

@@ -14,11 +14,7 @@ from test_radjepa import TINY, blob_images
 aten = torch.ops.aten
 
 
-@pytest.fixture(autouse=True)
-def _torch_path():
-    radjepa.use_kernels(False)
-    yield
-    radjepa.use_kernels(False)
+pytestmark = pytest.mark.usefixtures("torch_path")   # conftest.py
 
 
 def test_residual_stream_stays_fp32_under_bf16_autocast():

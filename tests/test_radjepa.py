@@ -20,11 +20,7 @@ TINY = ["--model", "vit_tiny", "--width", "64", "--heads", "2", "--depth", "2", 
         "--min-ctx", "4", "--log-every", "1", "--kernels", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_path():
-    radjepa.use_kernels(False)
-    yield
-    radjepa.use_kernels(False)
+pytestmark = pytest.mark.usefixtures("torch_path")   # conftest.py
 
 
 def blob_images(folder, n=12, size=80, seed=0):

@@ -25,15 +25,7 @@ TINY = ["--model", "vit_tiny", "--width", "64", "--heads", "2", "--depth", "1", 
         "--min-ctx", "1", "--log-every", "1", "--kernels", "torch", "--tgt-scale", "0.2", "0.3",
         "--ctx-scale", "1", "1", "--n-targets", "1"]
 
-
-@pytest.fixture(autouse=True)
-def _torch_path():
-    radjepa.use_kernels(False)
-    yield
-    radjepa.use_kernels(False)
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_path")   # conftest.py
 
 
 def images(folder, n=6, size=40, seed=0):

@@ -17,11 +17,7 @@ from kernels.train_bench import CONFIGS, RadjepaStepper, step_flops, truncate_ma
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _torch_path():
-    radjepa.use_kernels(False)
-    yield
-    radjepa.use_kernels(False)
+pytestmark = pytest.mark.usefixtures("torch_path")   # conftest.py
 
 
 def test_truncation_cuts_every_mask_to_the_batch_minimum_in_row_major_order():
