@@ -2032,6 +2032,8 @@ ABLATION_ROWS = [
     ("crop=0.8-1", "random-resized-crop scale", "0.8-1.0 (recipe 0.3-1.0)", ["--crop-scale", "0.8", "1.0"], 0.1),
     ("target=last4", "regression target", "mean of the last 4 blocks (recipe: last block)",
      ["--target-blocks", "4"], 0.1),
+    ("precision=fp32", "matmul precision", "fp32 (recipe: --precision auto, bf16 on CPUs with native bf16)",
+     ["--precision", "fp32"], 0.1),
     ("patch=8", "patch / image size", "patch 8 at 128 px: 16x16 grid (recipe patch 16, 8x8)", ["--patch", "8"], 0.1),
     ("img=256", "patch / image size", "256 px, patch 16: 16x16 grid", ["--img-size", "256"], 0.1),
 ]

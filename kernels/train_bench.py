@@ -9,6 +9,8 @@ random images already on the device, beside an official-style truncation and the
 
 Paths (--paths):
   torch            radjepa.py --kernels torch: packed tokens; attention pads to the longest sequence (SDPA + key mask)
+  torch+fp32       the same in fp32 (the others use radjepa's --precision auto: bf16 on CUDA and on CPUs with native
+                   bf16; the official code's autocast is CUDA-only, so on a CPU it runs fp32). Not in the default set
   triton           radjepa.py --kernels triton: varlen attention, fused gather and loss (kernels/)
   torch+compile    the same with --compile (Module.compile(dynamic=True) of encoder, predictor and target)
   triton+compile
@@ -24,7 +26,10 @@ patch-embed backward details not counted):
   block(L, w) = 24 L w^2 + 4 L^2 w             qkv + proj + MLP matmuls, QK^T and PV, one sequence of L tokens
   target      = sum_b [2 N P w + depth block(N, w)]                       forward only, all N patches
   context     = 3 sum_b [2 K_b P w + depth block(K_b, w)]                 K_b context tokens of image b
-  predictor   = 3 [sum_b 2 K_b w wp + sum_bj (pdepth block(K_b + T_bj, wp) + 2 T_bj wp w)]   T_bj: target block j
+  predictor   = 3 [sum_b 2 K_b w wp + sum_bj (pdepth block(K_b + T_bj, wp) - 18 K_b wp^2 + 2 T_bj wp w)]
+                T_bj: target block j. The -18 K_b wp^2: the last predictor block's projection and MLP run on the
+                T_bj target rows only, the only outputs the loss uses (radjepa.Predictor; the official code runs them
+                on every row, work that is not useful and so not counted)
   MFU         = (target + context + predictor) / step time / 790 TFLOP/s (dense bf16 GEMM rate measured on this
                 workplace's H200, kernels/bench.py). P = patch^2 x channels (1 here, 3 for the official RGB model).
 
@@ -59,7 +64,8 @@ CONFIGS = {
     "vitt16-b16": dict(model="vit_tiny", patch=16, img_size=224, batch=16, pred_width=384, pred_depth=6),
     "smoke": dict(model="vit_tiny", patch=16, img_size=96, batch=4, pred_width=48, pred_depth=1, min_ctx=4),
 }
-PATHS = ["torch", "triton", "truncate", "official", "triton+compile", "torch+compile"]
+PATHS = ["torch", "triton", "truncate", "official", "triton+compile", "torch+compile", "torch+fp32"]
+DEFAULT_PATHS = PATHS[:-1]
 FULL_CONFIGS = ["vitb16-b128", "vitb16-b256", "vitb14-b128"]
 ROW_TIMEOUT = {"plain": 90.0, "compile": 240.0, "official": 120.0}  # seconds, on CUDA
 
@@ -82,7 +88,8 @@ def step_flops(width, depth, pred_width, pred_depth, patch, n_patches, ctx_lens,
     P, N, w, wp = patch * patch * channels * patch_embed, n_patches, width, pred_width
     target = sum(2 * N * P * w + depth * block(N, w) for _ in ctx_lens)
     context = 3 * sum(2 * k * P * w + depth * block(k, w) for k in ctx_lens)
-    predictor = 3 * sum(2 * k * w * wp + sum(pred_depth * block(k + t, wp) + 2 * t * wp * w for t in ts)
+    predictor = 3 * sum(2 * k * w * wp + sum(pred_depth * block(k + t, wp) - 18 * k * wp * wp + 2 * t * wp * w
+                                             for t in ts)
                         for k, ts in zip(ctx_lens, tgt_lens))
     return dict(target=float(target), context=float(context), predictor=float(predictor),
                 total=float(target + context + predictor))
@@ -109,7 +116,8 @@ class RadjepaStepper:
         self.torch, self.rj, self.device, self.path = torch, radjepa, device, path
         given = dict(model=cfg["model"], patch=cfg["patch"], img_size=cfg["img_size"], batch_size=cfg["batch"],
                      pred_width=cfg["pred_width"], pred_depth=cfg["pred_depth"], seed=seed,
-                     min_ctx=cfg.get("min_ctx", 10), kernels="triton" if path.startswith("triton") else "torch")
+                     min_ctx=cfg.get("min_ctx", 10), kernels="triton" if path.startswith("triton") else "torch",
+                     precision="fp32" if path.endswith("+fp32") else "auto")
         c = self.c = radjepa.make_config(given)
         triton = radjepa.resolve_kernels(c.kernels, device, (c.width // c.heads, c.pred_width // c.heads))
         radjepa.use_kernels(triton)
@@ -126,8 +134,9 @@ class RadjepaStepper:
         if path.endswith("+compile"):
             for m in (self.encoder, self.predictor, self.target):
                 m.compile(dynamic=True)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())  # as radjepa.train: bf16 on CUDA, fp32 on CPU
+        self.precision = radjepa.resolve_precision(c.precision, device, triton)  # as radjepa.train
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+                         else contextlib.nullcontext())
         self.imgs = torch.rand(c.batch_size, 1, c.img_size, c.img_size, device=device)
         collate = radjepa.Collate(c)
         self.mbs, self.ctx_drawn = [], []
@@ -211,7 +220,7 @@ def run_radjepa_row(cfg_name, path, device, steps, warmup):
         finish_row(row, cfg, [ms], ctx, tgt, device, width=st.c.width, depth=st.c.depth)
         row["ctx_tokens_drawn"] = statistics.mean(st.ctx_drawn)
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-        row["steps"], row["warmup"] = steps, warmup
+        row["steps"], row["warmup"], row["precision"] = steps, warmup, st.precision
     finally:
         st.close()
         del st
@@ -419,7 +428,7 @@ def interleave(jobs, args, device, log):
         ctx, tgt = st.tokens()
         finish_row(row, cfg, times[j][:n], ctx, tgt, device, width=st.c.width, depth=st.c.depth)
         row.update(ctx_tokens_drawn=statistics.mean(st.ctx_drawn), ms_per_step_all=times[j][:n], steps=n,
-                   warmup=args.warmup, peak_mem_gb=None)
+                   warmup=args.warmup, peak_mem_gb=None, precision=st.precision)
         results[j] = row
     if args.profile:
         for j, st in steppers.items():
@@ -511,7 +520,8 @@ def to_markdown(res):
         drawn = f" ({r['ctx_tokens_drawn']:.1f})" if r.get("ctx_tokens_drawn") else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "-"
-        lines.append(f"| {r['config']} | {r['path']} | {r['img_per_s']:.1f} | {r['ms_per_step']:.1f} | "
+        prec = f" ({r['precision']})" if r.get("precision") else ""
+        lines.append(f"| {r['config']} | {r['path']}{prec} | {r['img_per_s']:.1f} | {r['ms_per_step']:.1f} | "
                      f"{r['ctx_tokens']:.1f}{drawn} | {r['tgt_tokens_per_block']:.1f} | "
                      f"{r['useful_gflop_per_img']:.1f} | {r['useful_tflops']:.2f} | {mfu} | {mem} | {rel[0]} | "
                      f"{rel[1]} |")
@@ -533,7 +543,8 @@ def to_markdown(res):
 
 FLOPS_FORMULA = ("block(L,w) = 24 L w^2 + 4 L^2 w; target = sum_b [2 N P w + depth block(N,w)] (fwd only); context = "
                  "3 sum_b [2 K_b P w + depth block(K_b,w)]; predictor = 3 [sum_b 2 K_b w wp + sum_bj (pdepth "
-                 "block(K_b+T_bj, wp) + 2 T_bj wp w)]; MFU = FLOPs / step time / 790 TFLOP/s (H200 bf16 GEMM, "
+                 "block(K_b+T_bj, wp) - 18 K_b wp^2 + 2 T_bj wp w)] (the last predictor block's projection and MLP on "
+                 "target rows only: the only outputs used); MFU = FLOPs / step time / 790 TFLOP/s (H200 bf16 GEMM, "
                  "measured). P = patch^2 x channels; backward = 2 x forward.")
 
 
@@ -543,7 +554,8 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model (config 'smoke'), 2 steps, every path")
     p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                    help=f"model/batch configs (default: {' '.join(FULL_CONFIGS)}; smoke: smoke)")
-    p.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS, help="paths to time (default: all)")
+    p.add_argument("--paths", nargs="+", default=DEFAULT_PATHS, choices=PATHS,
+                   help="paths to time (default: all but torch+fp32)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")

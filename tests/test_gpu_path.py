@@ -77,7 +77,7 @@ def test_triton_path_builds_no_padding_indices():
     ok, why = __import__("kernels").available()
     if not ok:
         pytest.skip(why)
-    assert hasattr(Seqs([3, 5], "cpu"), "pad_idx")       # the PyTorch attention pads inside attention
+    assert hasattr(Seqs([3, 5], "cpu"), "slot")       # the PyTorch attention pads inside attention
     radjepa.use_kernels(True)
     s = Seqs(torch.tensor([3, 5, 1]), "cpu")
-    assert not hasattr(s, "pad_idx") and s.cu.tolist() == [0, 3, 8, 9] and s.max_len == 5 and not s.uniform
+    assert not hasattr(s, "slot") and s.cu.tolist() == [0, 3, 8, 9] and s.max_len == 5 and not s.uniform

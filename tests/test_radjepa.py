@@ -17,7 +17,7 @@ from radjepa import Predictor, Seqs, ViT, pack_masks, sample_masks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "vit_tiny", "--width", "64", "--heads", "2", "--depth", "2", "--pred-width", "64", "--pred-depth",
         "1", "--img-size", "64", "--patch", "16", "--batch-size", "4", "--workers", "0", "--warmup", "2",
-        "--min-ctx", "4", "--log-every", "1", "--kernels", "torch"]
+        "--min-ctx", "4", "--log-every", "1", "--kernels", "torch", "--precision", "fp32"]  # exact equivalences
 
 
 pytestmark = pytest.mark.usefixtures("torch_path")   # conftest.py
@@ -135,6 +135,47 @@ def test_packed_batch_equals_one_image_at_a_time():
         sums += lb * nb
     torch.testing.assert_close(z, torch.cat(zs), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(loss * n, sums, atol=1e-4, rtol=1e-5)
+
+
+def test_predictor_last_block_on_target_rows_equals_the_full_block():
+    """The last predictor block computes projection + MLP for the mask-token rows only: the same predictions and the
+    same gradients as running every row through it and keeping the mask-token outputs."""
+    enc, pred = tiny_models(seed=1)
+    grid, gen = (6, 6), torch.Generator().manual_seed(4)
+    imgs = torch.rand(3, 1, 96, 96)
+    mb = radjepa.batch_to(pack_masks([sample_masks(gen, grid, 4, min_ctx=4) for _ in range(3)], 36), "cpu")
+    ctx = enc(imgs, mb["ctx_idx"], mb["ctx_seqs"])
+    fast = pred(ctx, mb, grid)
+    g_fast = torch.autograd.grad(fast.square().sum(), list(pred.parameters()))
+    N, pos = 36, pred.pos if pred.pos is not None else radjepa.sincos_pos_embed(*grid, pred.width)
+    h = torch.cat([pred.embed(ctx) + pos[mb["ctx_idx"] % N], pred.mask_token + pos[mb["tgt_idx"] % N]])
+    h = h[mb["pred_idx"]]
+    for blk in pred.blocks:  # every row through every block, the plain way
+        h = blk(h, mb["pred_seqs"])
+    full = pred.proj(pred.norm(h[mb["pred_out"]]))
+    g_full = torch.autograd.grad(full.square().sum(), list(pred.parameters()))
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_precision_auto_and_bf16_training_on_cpu(tmp_path):
+    cpu = torch.device("cpu")
+    assert radjepa.resolve_precision("fp32", cpu) == "fp32" and radjepa.resolve_precision("bf16", cpu) == "bf16"
+    assert radjepa.resolve_precision("auto", cpu, triton=True) == "fp32"  # the interpreter's bf16 is wrong
+    with pytest.raises(SystemExit, match="interpreter computes bf16 wrongly"):
+        radjepa.resolve_precision("bf16", cpu, triton=True)
+    data = blob_images(tmp_path / "data")
+    losses = {}
+    for prec in ("fp32", "bf16"):
+        out = ["--data", str(data), "--steps", "4", "--out", str(tmp_path / prec)]
+        radjepa.main(out + TINY + ["--precision", prec])
+        log = [json.loads(line) for line in open(tmp_path / prec / "log.jsonl")]
+        assert log[0]["precision"] == prec  # the header says what ran
+        losses[prec] = [r["loss"] for r in log if r.get("type") == "train"]
+    # bf16 matmuls (8-bit mantissa) follow the fp32 run closely over a few steps; they are not bit-equal
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
+    assert losses["bf16"] != losses["fp32"]
 
 
 def test_keeping_every_patch_equals_the_full_image_path_at_any_resolution():
