@@ -2018,8 +2018,10 @@ def run(args):
 ABLATION_ROWS = [
     ("baseline", "-", "the documented CPU recipe", [], 0.1),
     ("pred_depth=6", "predictor depth", "6 (recipe 3)", ["--pred-depth", "6"], 0.1),
-    ("lr=3e-3", "peak LR at batch 64", "3e-3 (recipe 1e-3)", ["--lr", "3e-3", "--start-lr", "6e-4"], 0.1),
-    ("lr=3e-4", "peak LR at batch 64", "3e-4", ["--lr", "3e-4", "--start-lr", "6e-5"], 0.1),
+    ("lr=3e-3", "peak LR at batch 64", "3e-3 (recipe 3e-4)", ["--lr", "3e-3", "--start-lr", "6e-4"], 0.1),
+    ("lr=1e-3", "peak LR at batch 64", "1e-3 (the recipe before the ablations)", ["--lr", "1e-3", "--start-lr", "2e-4"],
+     0.1),
+    ("lr=1e-4", "peak LR at batch 64", "1e-4", ["--lr", "1e-4", "--start-lr", "2e-5"], 0.1),
     ("ema=0.99-0.999", "EMA momentum start-end", "0.99-0.999 (recipe 0.996-1.0)",
      ["--ema", "0.99", "--final-ema", "0.999"], 0.1),
     ("pred_width=192", "predictor width", "192 (recipe 96)", ["--pred-width", "192"], 0.1),
@@ -2062,7 +2064,11 @@ def ablate_args(argv):
                         "encoder (what is probed) would still be 82%% its random init (measured: its effective rank "
                         "stayed at the random level). With it, the target moves as far as in the recipe")
     p.add_argument("--rows", nargs="+", default=None,
-                   help="row ids to run (default: all, in the listed order; see --list); `baseline` is always added")
+                   help="row ids to run (default: all, in the listed order; see --list); `baseline` is always added "
+                        "unless --no-baseline")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="with --rows: do not add the baseline row (e.g. a second seed of one row whose baseline seed "
+                        "is not needed yet); the table still compares with whatever baseline runs exist")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from finished runs; train nothing")
     p.add_argument("--probe-sizes", type=int, nargs="+", default=[128, 256],
@@ -2080,7 +2086,7 @@ def ablate_args(argv):
         bad = [r for r in a.rows if r not in ids]
         if bad:
             raise EvalError(f"unknown ablation row(s) {', '.join(bad)}; rows are: {', '.join(ids)}")
-        a.rows = ["baseline"] + [r for r in ids if r in a.rows and r != "baseline"]
+        a.rows = ["baseline"] * (not a.no_baseline) + [r for r in ids if r in a.rows and r != "baseline"]
     else:
         a.rows = ids
     if a.steps < 1 or not a.seeds:

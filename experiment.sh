@@ -50,15 +50,16 @@ case "$MODE" in
   cpu|ablate)
     # ablate: every row of the table is this recipe with one factor changed (eval.py ablate sets steps and warmup)
     N=2000;  SIZE=256; SEED=0
-    TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128
-           --batch-size 64 --steps 1000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
+    # --lr 3e-4: the ablations' winner (BENCHMARKS.md §10; 1e-3 collapsed the features' rank to ~20)
+    TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128 --lr 3e-4
+           --start-lr 6e-5 --batch-size 64 --steps 1000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
           --batch-size 64 "${REPORT_CPU[@]}") ;;
   cpu-long)
     # the cpu experiment with 2x the pretraining steps (~70 min on 2 cores): JEPA features keep improving with steps
     N=2000;  SIZE=256; SEED=0
-    TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128
-           --batch-size 64 --steps 2000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
+    TRAIN=(--model vit_tiny --depth 6 --pred-width 96 --pred-depth 3 --patch 16 --img-size 128 --lr 3e-4
+           --start-lr 6e-5 --batch-size 64 --steps 2000 --warmup 100 --workers 1 --log-every 20 --ckpt-every 250)
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
           --batch-size 64 "${REPORT_CPU[@]}") ;;
   gpu)

@@ -145,3 +145,12 @@ def test_ablation_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
     (tmp_path / "o2" / "s3.lock").write_text(str(os.getppid()))          # a live process that is not us
     assert E.main(["ablate", str(tmp_path / "o2"), "--data", str(root / "data"), "--steps", "3", "--", *RECIPE]) == 2
     assert "is running on" in capsys.readouterr().err
+
+
+def test_rows_add_the_baseline_unless_told_not_to():
+    assert E.ablate_args(["x", "--rows", "lr=1e-3"]).rows == ["baseline", "lr=1e-3"]
+    assert E.ablate_args(["x", "--rows", "lr=1e-3", "ema=0.999-1", "--no-baseline"]).rows == ["lr=1e-3", "ema=0.999-1"]
+    names = [r[0] for r in E.ABLATION_ROWS]
+    assert len(names) == len(set(names)) and "precision=fp32" in names
+    recipe = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiment.sh")).read()
+    assert "--lr 3e-4" in recipe  # the adopted CPU recipe (BENCHMARKS.md §10); the lr rows bracket it
