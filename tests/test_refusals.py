@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "vit_tiny", "--width", "64", "--heads", "2", "--depth", "1", "--pred-width", "64", "--pred-depth",
         "1", "--img-size", "32", "--patch", "16", "--batch-size", "4", "--workers", "0", "--warmup", "1",
         "--min-ctx", "1", "--log-every", "1", "--kernels", "torch", "--tgt-scale", "0.2", "0.3",
-        "--ctx-scale", "1", "1", "--n-targets", "1"]
+        "--ctx-scale", "1", "1", "--n-targets", "1", "--precision", "fp32"]  # exact 1-vs-2-process equivalences
 
 pytestmark = pytest.mark.usefixtures("one_thread", "torch_path")   # conftest.py
 
