@@ -88,7 +88,7 @@ class Config:
     device: str = opt("auto", "auto | cuda | cpu (auto picks cuda when available)")
     precision: str = opt("auto", "auto | bf16 | fp32: bf16 autocast runs the matmuls in bf16 (residual stream, norms, "
                                  "loss and optimizer stay fp32, as in I-JEPA). auto = bf16 on CUDA and on CPUs that "
-                                 "multiply bf16 natively (AVX512-BF16/AMX: ~2.9x faster steps), else fp32")
+                                 "multiply bf16 natively (AVX512-BF16/AMX: ~2.6x faster steps), else fp32")
     kernels: str = opt("auto", "auto | torch | triton: attention/gather implementation. auto = Triton on CUDA when it "
                                "imports, else PyTorch. Asking for triton where it cannot run is an error")
     compile: bool = opt(False, "torch.compile the encoder and predictor (dynamic shapes: sequence lengths vary)")
