@@ -573,13 +573,51 @@ def _hf_file(name, filename):
         return None
 
 
+@contextlib.contextmanager
+def _no_hub_kernels():
+    """Keep transformers away from Hugging Face's `kernels` package while it imports and loads a model. transformers
+    >= 5 depends on that package and, when it is installed, imports names from the top-level module `kernels`, which
+    from the repository root is this project's `kernels/` (ImportError: cannot import name 'CUDAProperties'), and
+    from_pretrained kernelizes by default. Here sys.modules['kernels'] = None, which find_spec reads as "not
+    installed", and USE_HUB_KERNELS=NO: transformers keeps its plain PyTorch layers (hub kernels only swap in fused
+    GPU layers; a frozen encoder gives the same tokens). Our package and the environment are put back afterwards."""
+    saved = {k: v for k, v in sys.modules.items() if k == "kernels" or k.startswith("kernels.")}
+    env = os.environ.get("USE_HUB_KERNELS")
+    for k in saved:
+        del sys.modules[k]
+    sys.modules["kernels"] = None
+    os.environ["USE_HUB_KERNELS"] = "NO"
+    try:
+        yield
+    finally:
+        del sys.modules["kernels"]
+        sys.modules.update(saved)
+        if env is None:
+            del os.environ["USE_HUB_KERNELS"]
+        else:
+            os.environ["USE_HUB_KERNELS"] = env
+
+
+def import_transformers():
+    """`import transformers` with its model code loaded (transformers.modeling_utils), safe from the repository root
+    (_no_hub_kernels). Raises what the import raises."""
+    with _no_hub_kernels():
+        import transformers
+        import transformers.modeling_utils  # noqa: F401  (pulls in its hub-kernel integration now, inside the guard)
+        return transformers
+
+
 def _load_hf(spec, name, random_init):
     try:
-        import inspect
-
-        import transformers
+        transformers = import_transformers()
     except Exception as e:
         raise EvalError(f"{spec} needs transformers: pip install transformers (import failed with {_first_line(e)})")
+    with _no_hub_kernels():
+        return _load_hf_model(transformers, spec, name, random_init)
+
+
+def _load_hf_model(transformers, spec, name, random_init):
+    import inspect
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise EvalError(f"{name}: not a Hugging Face model folder (no config.json)")
     if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):

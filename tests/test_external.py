@@ -27,7 +27,7 @@ REQUIRED = set(filter(None, os.environ.get("RADJEPA_REQUIRE", "").split(",")))
 
 def _import_error(module):
     try:
-        importlib.import_module(module)
+        E.import_transformers() if module == "transformers" else importlib.import_module(module)
         return None
     except Exception as e:  # ImportError, or timm's torchvision failing to load ("torchvision::nms does not exist")
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -44,6 +44,19 @@ def test_required_optional_packages_import():
     """Where CI asks for them (RADJEPA_REQUIRE=timm,transformers) the optional packages must import: no silent skip."""
     errors = {m: e for m, e in (("timm", TIMM_ERR), ("transformers", HF_ERR)) if m in REQUIRED and e}
     assert not errors, errors
+
+
+@needs_hf
+def test_transformers_loads_beside_our_kernels_package():
+    """transformers >= 5 imports Hugging Face's `kernels`, a name that from the repository root is ours: E.import_
+    transformers hides ours during the import, and afterwards `kernels` is this project's package again."""
+    import kernels
+    before = kernels
+    T = E.import_transformers()
+    assert hasattr(T, "AutoModel") and os.environ.get("USE_HUB_KERNELS") != "NO"
+    import kernels as after
+    assert after is before and os.path.dirname(after.__file__) == os.path.join(REPO, "kernels")
+    from kernels import varlen_attention  # noqa: F401  (its submodules import as before)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
