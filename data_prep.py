@@ -394,7 +394,7 @@ def convert_one(job):
         return task["id"], "skip", [f"{type(e).__name__}: {e}"]
 
 
-IMAGE_PARAMS = ("source", "src", "size", "seed", "modality")  # what decides the pixels of an image with a given id
+IMAGE_PARAMS = ("source", "src", "size", "seed", "modality", "phantom_version")  # what decides an image's pixels
 
 
 def claim_folder(out, params, overwrite=False):
@@ -413,9 +413,13 @@ def claim_folder(out, params, overwrite=False):
         pass  # nothing to mix with
     elif (out / "params.json").exists():
         old = json.loads((out / "params.json").read_text())
+        if "phantom_version" in params and "phantom_version" not in old:
+            old["phantom_version"] = 1                   # written before there were versions: that was version 1
     elif (out / "meta.json").exists():  # written by an older data_prep.py: compare what it recorded
         m = json.loads((out / "meta.json").read_text())
         old = {**params, **{k: m[k] for k in ("source", "size", "seed") if k in m and k in params}}
+        if "phantom_version" in params:
+            old["phantom_version"] = m.get("phantom_version", 1)
     else:
         raise PrepError(f"{out}/images holds images of a run that recorded no parameters; rerun with --overwrite "
                         f"to start over, or use another folder")
@@ -1029,19 +1033,46 @@ SOURCES = {"nih": src_nih, "chexpert": src_chexpert, "mimic": src_mimic, "vindr"
 #   Consolidation  an ill-defined, mottled opacity with an irregular outline inside one lung
 # The auto-window sets the grey levels from the image's own percentiles (plus jitter), so a finding does not shift
 # global brightness or histogram in a way that gives the label away (tests/test_data_prep.py checks this).
+#
+# Two versions (--phantom-version; the version is part of params.json, so a folder never mixes them):
+#   1  the original benchmark (BENCHMARKS.md §1-§10). Every image of a given seed is reproduced bit for bit.
+#      Its weakness, measured: the pose barely varies (rotation +-0.08 rad, shift +-0.06, zoom 0.82-1.08), so the
+#      heart border and the costophrenic angles sit at nearly fixed pixels and a linear probe on a 32x32 image solves
+#      cardiomegaly and effusion (AUROC 0.96 / 0.78) as pixel templates; nodules are 3-6 px across at 128 px
+#      (below a 16-px patch: every encoder is at chance), and no finding is large enough to segment.
+#   2  (default) measures features rather than templates: the patient is posed and sized much more freely
+#      (rotation +-0.2 rad, shift +-0.14, zoom 0.74-1.1, wider thorax / lung-height / heart-position ranges), some
+#      films are collimated (black borders) or have a smooth exposure inhomogeneity, and ECG leads with electrodes
+#      (nuisance, independent of the labels) cross 45% of the films. So "where" a border sits in pixels says little;
+#      a finding must be recognised by what it looks like relative to the anatomy around it. Findings are visible at
+#      the 128-px training resolution: nodules r 0.045-0.09 (6-12 px across at 128 px), consolidations r 0.11-0.2,
+#      effusions and pneumothoraces larger; prevalences are higher (more positives in a 2,000-image test split, so
+#      tighter CIs). Each image draws from its own rng streams, so v1's draws are untouched.
 
 SYNTH_LABELS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumothorax", "Consolidation"]
-SYNTH_PREVALENCE = {"Cardiomegaly": 0.20, "Effusion": 0.15, "Nodule": 0.10, "Pneumothorax": 0.06,
-                    "Consolidation": 0.12}
+PHANTOM_VERSIONS = (1, 2)
+SYNTH_PREVALENCE_BY_VERSION = {
+    1: {"Cardiomegaly": 0.20, "Effusion": 0.15, "Nodule": 0.10, "Pneumothorax": 0.06, "Consolidation": 0.12},
+    2: {"Cardiomegaly": 0.20, "Effusion": 0.18, "Nodule": 0.15, "Pneumothorax": 0.12, "Consolidation": 0.15}}
+SYNTH_PREVALENCE = SYNTH_PREVALENCE_BY_VERSION[1]
 SYNTH_STRUCTURES = ["lungs", "heart", "effusion", "nodule", "pneumothorax", "consolidation"]
+# Per version: the sampling range of each finding's size parameter (sample_findings), which the reports split into
+# small / moderate / large tertiles.
+SYNTH_SIZES_BY_VERSION = {
+    1: {"Effusion": ("h", 0.08, 0.30), "Nodule": ("r", 0.022, 0.05), "Pneumothorax": ("k", 1.12, 1.4),
+        "Consolidation": ("r", 0.09, 0.17)},
+    2: {"Effusion": ("h", 0.12, 0.36), "Nodule": ("r", 0.045, 0.09), "Pneumothorax": ("k", 1.18, 1.5),
+        "Consolidation": ("r", 0.11, 0.20)}}
 
 
 def _u(rng, lo, hi):
     return float(rng.uniform(lo, hi))
 
 
-def sample_anatomy(rng):
+def sample_anatomy(rng, version=1):
     """Per-patient anatomy (plain floats, so a task stays picklable and JSON-able)."""
+    if version == 2:
+        return _sample_anatomy_v2(rng)
     a = {"W": _u(rng, 0.52, 0.76),            # half-width of the thorax (inner rib margin)
          "margin": _u(rng, 0.06, 0.26),       # soft tissue outside the ribs (body habitus)
          "apex": _u(rng, -0.80, -0.62),       # lung apex height
@@ -1073,16 +1104,67 @@ def sample_anatomy(rng):
     return a
 
 
-def sample_acquisition(rng):
+def _sample_anatomy_v2(rng):
+    """Version 2: the same anatomy with wider ranges (habitus, lung height, inspiration, heart tilt and position),
+    so that no structure has a typical pixel position. The cardiothoracic ratio keeps v1's normal / enlarged ranges:
+    cardiomegaly stays a relative judgement (heart width against thorax width), not an absolute size."""
+    a = {"W": _u(rng, 0.46, 0.78), "margin": _u(rng, 0.04, 0.30), "apex": _u(rng, -0.84, -0.56),
+         "dome_r": _u(rng, 0.15, 0.62), "med": _u(rng, 0.06, 0.12), "soft": _u(rng, 0.75, 1.25),
+         "air": _u(rng, 0.45, 0.75), "breast": _u(rng, 0.0, 0.14) if rng.random() < 0.5 else 0.0,
+         "spine_w": _u(rng, 0.045, 0.075), "vert": _u(rng, 0.07, 0.1), "vert_ph": _u(rng, 0, 1),
+         "rib_y0": _u(rng, -0.97, -0.83), "rib_pitch": _u(rng, 0.095, 0.13), "rib_curv": _u(rng, 0.4, 0.75),
+         "bone": _u(rng, 0.15, 0.32), "bubble": _u(rng, 0.0, 0.22) if rng.random() < 0.7 else 0.0}
+    a["dome_l"] = a["dome_r"] + _u(rng, 0.0, 0.1)
+    a["cardiomegaly"] = bool(rng.random() < SYNTH_PREVALENCE_BY_VERSION[2]["Cardiomegaly"])
+    a["ctr"] = _u(rng, 0.54, 0.66) if a["cardiomegaly"] else _u(rng, 0.38, 0.50)
+    hw = a["ctr"] * a["W"]
+    a["h_ang"] = _u(rng, -0.6, -0.2)
+    a["h_ratio"] = _u(rng, 0.72, 0.92)
+    c, s = math.cos(a["h_ang"]), math.sin(a["h_ang"])
+    a["h_rx"] = hw / math.sqrt(c * c + (a["h_ratio"] * s) ** 2)
+    a["h_ry"] = a["h_ratio"] * a["h_rx"]
+    a["h_x"] = _u(rng, 0.2, 0.55) * hw
+    hv = math.sqrt((a["h_rx"] * s) ** 2 + (a["h_ry"] * c) ** 2)
+    a["h_top"] = a["dome_l"] - _u(rng, 0.3, 0.52)
+    a["h_y"] = a["h_top"] + hv
+    return a
+
+
+def sample_acquisition(rng, version=1):
+    if version == 2:   # free pose; collimation, exposure inhomogeneity; otherwise v1's display chain
+        q = {"rot": _u(rng, -0.2, 0.2), "dx": _u(rng, -0.14, 0.14), "dy": _u(rng, -0.14, 0.14),
+             "zoom": _u(rng, 0.74, 1.1), "p_lo": _u(rng, 0.2, 6.0), "p_hi": _u(rng, 96.0, 99.9),
+             "gamma": _u(rng, 0.7, 1.4), "noise": _u(rng, 0.004, 0.03), "heel": _u(rng, -0.1, 0.1),
+             "offset": _u(rng, -0.08, 0.08), "contrast": _u(rng, 0.8, 1.1),
+             "shade": _u(rng, 0.0, 0.08) if rng.random() < 0.5 else 0.0}
+        q["collim"] = [_u(rng, 0.0, 0.12) if rng.random() < 0.3 else 0.0 for _ in range(4)]  # left right top bottom
+        return q
     return {"rot": _u(rng, -0.08, 0.08), "dx": _u(rng, -0.06, 0.06), "dy": _u(rng, -0.06, 0.06),
             "zoom": _u(rng, 0.82, 1.08), "p_lo": _u(rng, 0.2, 6.0), "p_hi": _u(rng, 96.0, 99.9),
             "gamma": _u(rng, 0.7, 1.4), "noise": _u(rng, 0.004, 0.03), "heel": _u(rng, -0.08, 0.08),
             "offset": _u(rng, -0.08, 0.08), "contrast": _u(rng, 0.8, 1.1)}
 
 
-def sample_findings(rng, a):
+def sample_devices(rng):
+    """Version 2 nuisance: ECG leads. 0-3 wires (cubic Bezier curves from outside the film to an electrode on the
+    chest) in 45% of the films, drawn independently of every label."""
+    if rng.random() >= 0.45:
+        return []
+    wires = []
+    for _ in range(int(rng.integers(1, 4))):
+        end = [_u(rng, -0.7, 0.7), _u(rng, -0.6, 0.5)]                   # the electrode, on the chest
+        side = 1 if rng.random() < 0.5 else -1
+        start = [side * _u(rng, 1.0, 1.2), _u(rng, -1.1, 1.1)]          # enters from beyond the film edge
+        mids = [[_u(rng, -0.9, 0.9), _u(rng, -0.9, 0.9)] for _ in range(2)]
+        wires.append({"pts": [start, *mids, end], "w": _u(rng, 0.006, 0.012), "dens": _u(rng, 0.25, 0.5),
+                      "electrode": _u(rng, 0.025, 0.04)})
+    return wires
+
+
+def sample_findings(rng, a, version=1):
     """Acute findings for one image. Positions are drawn inside the lung by rejection sampling."""
     f = {"Cardiomegaly": a["cardiomegaly"]}
+    prev, sizes = SYNTH_PREVALENCE_BY_VERSION[version], SYNTH_SIZES_BY_VERSION[version]
 
     def point_in_lung(margin):
         for _ in range(200):
@@ -1092,26 +1174,26 @@ def sample_findings(rng, a):
                 return side, x, y
         return side, side * 0.45 * a["W"], 0.5 * (a["apex"] + a["dome_r"])
 
-    if rng.random() < SYNTH_PREVALENCE["Effusion"]:
+    nod_dens, con_dens = ((0.25, 0.45), (0.35, 0.6)) if version == 1 else ((0.35, 0.6), (0.4, 0.7))
+    if rng.random() < prev["Effusion"]:
         side = 1 if rng.random() < 0.5 else -1
-        f["Effusion"] = {"sides": [side, -side] if rng.random() < 0.3 else [side], "h": _u(rng, 0.08, 0.3)}
-    if rng.random() < SYNTH_PREVALENCE["Nodule"]:
-        side, x, y = point_in_lung(0.06)
-        f["Nodule"] = {"x": x, "y": y, "r": _u(rng, 0.022, 0.05), "dens": _u(rng, 0.25, 0.45)}
-    if rng.random() < SYNTH_PREVALENCE["Pneumothorax"]:
-        f["Pneumothorax"] = {"side": 1 if rng.random() < 0.5 else -1, "k": _u(rng, 1.12, 1.4)}
-    if rng.random() < SYNTH_PREVALENCE["Consolidation"]:
-        side, x, y = point_in_lung(0.08)
-        f["Consolidation"] = {"x": x, "y": y, "r": _u(rng, 0.09, 0.17), "dens": _u(rng, 0.35, 0.6)}
+        f["Effusion"] = {"sides": [side, -side] if rng.random() < 0.3 else [side], "h": _u(rng, *sizes["Effusion"][1:])}
+    if rng.random() < prev["Nodule"]:
+        side, x, y = point_in_lung(0.06 if version == 1 else 0.1)
+        f["Nodule"] = {"x": x, "y": y, "r": _u(rng, *sizes["Nodule"][1:]), "dens": _u(rng, *nod_dens)}
+    if rng.random() < prev["Pneumothorax"]:
+        f["Pneumothorax"] = {"side": 1 if rng.random() < 0.5 else -1, "k": _u(rng, *sizes["Pneumothorax"][1:])}
+    if rng.random() < prev["Consolidation"]:
+        side, x, y = point_in_lung(0.08 if version == 1 else 0.1)
+        f["Consolidation"] = {"x": x, "y": y, "r": _u(rng, *sizes["Consolidation"][1:]), "dens": _u(rng, *con_dens)}
     return f
 
 
 # Reports faithful to what was rendered: each statement below has several phrasings, picked by the image's own
 # report rng, so the text varies like real dictation while every word stays true. Sides are the patient's (x > 0 is
-# the image right = the patient's left), sizes are tertiles of the sampled size parameter, zones are thirds of the
-# lung height (apex to dome) at the finding's centre. Absent findings get a normal statement.
-SYNTH_SIZES = {"Effusion": ("h", 0.08, 0.30), "Nodule": ("r", 0.022, 0.05), "Pneumothorax": ("k", 1.12, 1.4),
-               "Consolidation": ("r", 0.09, 0.17)}                      # the sampling ranges of sample_findings
+# the image right = the patient's left), sizes are tertiles of the sampled size parameter (SYNTH_SIZES_BY_VERSION),
+# zones are thirds of the lung height (apex to dome) at the finding's centre. Absent findings get a normal statement.
+SYNTH_SIZES = SYNTH_SIZES_BY_VERSION[1]
 SYNTH_PHRASES = {
     "heart_normal": ["The heart size is normal.", "Heart size is within normal limits.",
                      "The cardiac silhouette is normal in size.", "Normal heart size."],
@@ -1135,14 +1217,14 @@ SYNTH_PHRASES = {
 }
 
 
-def phantom_report(a, f, rng):
+def phantom_report(a, f, rng, version=1):
     """Anatomy + findings of one phantom -> {"findings", "impression"}. Deterministic for a given rng state."""
     def say(key, **kw):
         kw.update({k.capitalize(): v.capitalize() for k, v in kw.items()})
         return SYNTH_PHRASES[key][int(rng.integers(len(SYNTH_PHRASES[key])))].format(**kw)
 
     def size(name):
-        key, lo, hi = SYNTH_SIZES[name]
+        key, lo, hi = SYNTH_SIZES_BY_VERSION[version][name]
         return ("small", "moderate", "large")[min(2, int(3 * (f[name][key] - lo) / (hi - lo)))]
 
     def place(x, y):                                   # patient side and lung zone of a point
@@ -1179,21 +1261,27 @@ def phantom_report(a, f, rng):
     return {"findings": " ".join(out), "impression": " ".join(short) if short else say("normal")}
 
 
-def synthetic_tasks(n, seed):
+def synthetic_tasks(n, seed, version=2):
     """n images from consecutive patients (1-3 images each). Everything about image j of patient p comes from
     np.random.default_rng([seed, p, j]) (and the anatomy from [seed, p]), so the set is fully determined by the
-    seed, parallel workers and resumed runs give identical bytes, and --n 100 is a prefix of --n 1000."""
+    seed, parallel workers and resumed runs give identical bytes, and --n 100 is a prefix of --n 1000. Version 2
+    draws from other streams ([seed, p, j, 2, ...]); version 1's draws are exactly those it always made."""
+    if version not in PHANTOM_VERSIONS:
+        raise PrepError(f"--phantom-version must be one of {', '.join(map(str, PHANTOM_VERSIONS))} (got {version})")
     tasks, p = [], 0
     while len(tasks) < n:
-        prng = np.random.default_rng([seed, p])
-        anatomy = sample_anatomy(prng)
+        prng = np.random.default_rng([seed, p] if version == 1 else [seed, p, 0, 2])
+        anatomy = sample_anatomy(prng, version)
         k = int(prng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
         for j in range(min(k, n - len(tasks))):
-            irng = np.random.default_rng([seed, p, j + 1])
-            case = {"anatomy": anatomy, "acq": sample_acquisition(irng), "noise_seed": [seed, p, j + 1, 7]}
-            case["findings"] = sample_findings(irng, anatomy)
+            irng = np.random.default_rng([seed, p, j + 1] if version == 1 else [seed, p, j + 1, 2])
+            case = {"anatomy": anatomy, "acq": sample_acquisition(irng, version), "noise_seed": [seed, p, j + 1, 7]}
+            case["findings"] = sample_findings(irng, anatomy, version)
+            if version == 2:
+                case["version"] = 2
+                case["devices"] = sample_devices(np.random.default_rng([seed, p, j + 1, 2, 13]))
             labels = {l: "1" if case["findings"].get(l) else "0" for l in SYNTH_LABELS}
-            report = phantom_report(anatomy, case["findings"], np.random.default_rng([seed, p, j + 1, 11]))
+            report = phantom_report(anatomy, case["findings"], np.random.default_rng([seed, p, j + 1, 11]), version)
             tasks.append({"id": f"p{p:05d}_{j}", "src": None, "reader": "phantom", "patient": f"p{p:05d}",
                           "split": None, "labels": labels, "phantom": case, "report": report})
         p += 1
@@ -1238,6 +1326,7 @@ def _smooth_noise(rng, size, cells):
 def render_phantom(case, size):
     """One phantom -> (uint8 image [size, size], {structure: bool mask [size, size]})."""
     a, q, f = case["anatomy"], case["acq"], case["findings"]
+    v2 = case.get("version", 1) == 2
     rng = np.random.default_rng(case["noise_seed"])
     S = size
     # Pixel grid in image coordinates, then into patient coordinates: the acquisition rotates, shifts and zooms.
@@ -1294,7 +1383,8 @@ def render_phantom(case, size):
         masks["pneumothorax"] = gap
         markings = markings * np.where(gap, 0.0, 1.0)
         aerated = aerated + 0.15 * gap * lung_soft[sd]
-        A += 0.16 * np.exp(-(d_col / (0.8 * px)) ** 2) * (lung_d[sd] < 0)  # the pleural line itself
+        line_a, line_w = (0.24, 1.2) if v2 else (0.16, 0.8)   # v2: visible at 128 px
+        A += line_a * np.exp(-(d_col / (line_w * px)) ** 2) * (lung_d[sd] < 0)  # the pleural line itself
     A -= a["air"] * aerated
     A += 0.13 * markings * np.clip(aerated, 0.0, 1.0)
 
@@ -1333,21 +1423,60 @@ def render_phantom(case, size):
     if a["bubble"] > 0:                                                   # gastric air under the left dome
         A -= a["bubble"] * _inside(np.hypot((x - 0.45 * a["W"]) / 0.1, (y - a["dome_l"] - 0.12) / 0.06) - 1, 0.3)
 
+    if v2 and case.get("devices"):                                      # ECG leads: thin dense wires + electrodes
+        A += draw_devices(case["devices"], q, S)
+
     # Display: auto-window from the image's own percentiles (+ jitter), gamma, heel effect, quantum noise.
     sub = A[::4, ::4]
     lo, hi = np.percentile(sub, [q["p_lo"], q["p_hi"]])
     v = np.clip((A - lo) / max(hi - lo, 1e-3), 0.0, 1.0) ** q["gamma"]
     v = v * q["contrast"] + q["offset"] + q["heel"] * Y
+    if v2 and q["shade"] > 0:                                           # smooth exposure inhomogeneity
+        v = v + q["shade"] * _smooth_noise(rng, S, 3)
     v = v + q["noise"] * rng.standard_normal((S, S), dtype=np.float32)
     lungs = (lung_d[-1] < 0) | (lung_d[1] < 0)
     masks["lungs"] = lungs & ~masks["effusion"]       # the visible (aerated) lung fields, as in SCR-style masks
+    if v2 and any(q["collim"]):
+        # Collimation: the film outside the exposed field stays dark (an electronic shutter), and the masks keep only
+        # what is visible. The label stays that of the patient (a finding cut off at the border is still reported).
+        cl, cr, ct, cb = q["collim"]
+        field = (X > -1 + cl) & (X < 1 - cr) & (Y > -1 + ct) & (Y < 1 - cb)
+        v = np.where(field, v, 0.03 + 0.5 * q["noise"] * rng.standard_normal((S, S), dtype=np.float32))
+        masks = {k: m & field for k, m in masks.items()}
     return to_uint8(v), {k: masks[k] for k in SYNTH_STRUCTURES}
 
 
+def draw_devices(wires, q, S):
+    """Wires (cubic Beziers in patient coordinates) -> attenuation [S, S]. Drawn with PIL at 4x and box-filtered
+    down, so a 1-2 px wire is anti-aliased; points are mapped patient -> image with the inverse of the pose."""
+    from PIL import ImageDraw
+    up = 4
+    c, s = math.cos(q["rot"]), math.sin(q["rot"])
+    out = np.zeros((S, S), np.float32)
+    for w in wires:
+        canvas = Image.new("L", (S * up, S * up), 0)
+        draw = ImageDraw.Draw(canvas)
+        P = np.array(w["pts"], np.float64)                                  # (4, 2) control points
+        t = np.linspace(0.0, 1.0, 64)[:, None]
+        curve = ((1 - t) ** 3 * P[0] + 3 * (1 - t) ** 2 * t * P[1] + 3 * (1 - t) * t ** 2 * P[2] + t ** 3 * P[3])
+        xz, yz = (curve[:, 0] + q["dx"]) * q["zoom"], (curve[:, 1] + q["dy"]) * q["zoom"]
+        X, Y = c * xz + s * yz, -s * xz + c * yz                           # R^T: patient -> image coordinates
+        pix = np.stack([(X + 1) / 2 * S * up, (Y + 1) / 2 * S * up], 1)
+        width = max(1, int(round(w["w"] * q["zoom"] * S * up / 2)))
+        draw.line([tuple(p) for p in pix], fill=255, width=width, joint="curve")
+        r = w["electrode"] * q["zoom"] * S * up / 2
+        ex, ey = pix[-1]
+        draw.ellipse([ex - r, ey - r, ex + r, ey + r], fill=255)
+        m = np.asarray(canvas.resize((S, S), Image.Resampling.BOX), np.float32) / 255.0
+        out += w["dens"] * m
+    return out
+
+
 def src_synthetic(args):
-    tasks = synthetic_tasks(args.n, args.seed)
-    return tasks, SYNTH_LABELS, SYNTH_STRUCTURES, [], {"seed": args.seed, "n": args.n,
-                                                      "prevalence_target": SYNTH_PREVALENCE}
+    tasks = synthetic_tasks(args.n, args.seed, args.phantom_version)
+    return tasks, SYNTH_LABELS, SYNTH_STRUCTURES, [], {
+        "seed": args.seed, "n": args.n, "phantom_version": args.phantom_version,
+        "prevalence_target": SYNTH_PREVALENCE_BY_VERSION[args.phantom_version]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1444,10 +1573,15 @@ def main(argv=None):
     sp.add_argument("--n", type=int, default=2000)
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--phantom-version", type=int, default=2, choices=PHANTOM_VERSIONS,
+                    help="2 (default): free pose and habitus, devices, findings visible at 128 px, so probes measure "
+                         "features rather than fixed-place pixel templates; 1: the original benchmark of "
+                         "BENCHMARKS.md §1-§10, reproduced bit for bit for a given --seed")
     sp.add_argument("--workers", type=int, default=workers)
     sp.add_argument("--overwrite", action="store_true",
                     help="delete what an earlier run wrote into OUT and start over (without it, a run with another "
-                         "--seed or --size than OUT was made with is refused; another --n extends or trims it)")
+                         "--seed, --size or --phantom-version than OUT was made with is refused; another --n extends "
+                         "or trims it)")
     sp = sub.add_parser("bench", help="conversion and loader throughput")
     sp.add_argument("dir", help="scratch folder")
     sp.add_argument("--n", type=int, default=64)

@@ -16,14 +16,17 @@
 #   bash experiment.sh gpu-check OUT # GPU: kernels bench + loss curves triton/compile vs torch + end-to-end benchmark,
 #                                    # one call of <= 9 min into one flat folder (python -m kernels.gpu_check)
 #
-# Re-running is cheap: the dataset is kept if OUT/data/meta.json exists, pretraining resumes from OUT/jepa/ckpt.pt
-# (a finished run is not repeated), and eval.py reuses its cached features.
+# Re-running is cheap: the dataset is resumed (data_prep.py converts only missing images), pretraining resumes from
+# OUT/jepa/ckpt.pt (a finished run is not repeated), and eval.py reuses its cached features.
+# PHANTOM=1 bash experiment.sh ... uses the original phantom benchmark (data_prep.py --phantom-version 1; the numbers
+# of BENCHMARKS.md §1-§10 up to the ablations); the default, 2, varies pose and habitus so that pixel templates fail.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE="${1:-cpu}"
 OUT="${2:-runs/experiment_$MODE}"
 EXTRA=("${@:3}")  # ablate only: flags for eval.py ablate
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+PHANTOM="${PHANTOM:-2}"
 if [ "$MODE" = gpu-check ]; then exec "$PY" -m kernels.gpu_check --out "$OUT"; fi
 
 # Sizes per mode, and why (measurements in BENCHMARKS.md):
@@ -78,9 +81,8 @@ stamp() { echo "$1 $(( $(date +%s) - T0 ))s" | tee -a "$OUT/timings.txt"; }
 echo "experiment $MODE -> $OUT ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, python $PY)" | tee "$OUT/timings.txt"
 
 # 1. synthetic phantoms: labels Cardiomegaly/Effusion/Nodule/Pneumothorax/Consolidation + masks, split by patient
-if [ ! -f "$OUT/data/meta.json" ] || [ ! -f "$OUT/data/reports.csv" ]; then   # (resumes: adds reports.csv)
-  "$PY" data_prep.py synthetic "$OUT/data" --n "$N" --size "$SIZE" --seed "$SEED"
-fi
+# (a folder made with another --phantom-version or size is refused with a one-line error, never mixed)
+"$PY" data_prep.py synthetic "$OUT/data" --n "$N" --size "$SIZE" --seed "$SEED" --phantom-version "$PHANTOM"
 stamp "data"
 
 if [ "$MODE" = ablate ]; then  # N short pretraining runs + the same probes for each, then the table

@@ -510,20 +510,21 @@ def test_phantoms_deterministic_parallel_and_prefix(tmp_path):
     assert {"lungs", "heart"} <= set(m["structures"])
 
 
-@pytest.fixture(scope="module")
-def phantoms():
-    """900 phantoms at 64 px, rendered in-process: images, labels, masks, patients."""
-    tasks = dp.synthetic_tasks(900, 11)
+@pytest.fixture(scope="module", params=[1, 2], ids=["v1", "v2"])
+def phantoms(request):
+    """900 phantoms at 64 px of each --phantom-version, rendered in-process: images, labels, masks, patients."""
+    v = request.param
+    tasks = dp.synthetic_tasks(900, 11, v)
     out = [dp.render_phantom(t["phantom"], 64) for t in tasks]
     ims = np.stack([o[0] for o in out]).astype(np.float32) / 255.0
     masks = {s: np.stack([o[1][s] for o in out]) for s in dp.SYNTH_STRUCTURES}
     y = np.array([[int(t["labels"][l]) for l in dp.SYNTH_LABELS] for t in tasks])
     patients = np.array([int(t["patient"][1:]) for t in tasks])
-    return ims, masks, y, patients
+    return ims, masks, y, patients, v
 
 
 def test_phantom_labels_match_masks_and_prevalence(phantoms):
-    ims, masks, y, _ = phantoms
+    ims, masks, y, _, v = phantoms
     col = {l: i for i, l in enumerate(dp.SYNTH_LABELS)}
     for label, struct in (("Effusion", "effusion"), ("Nodule", "nodule"), ("Pneumothorax", "pneumothorax"),
                           ("Consolidation", "consolidation")):
@@ -537,11 +538,69 @@ def test_phantom_labels_match_masks_and_prevalence(phantoms):
     ctr = np.array([width(h) / max(width(l | e), 1) for h, l, e in
                     zip(masks["heart"], masks["lungs"], masks["effusion"])])
     assert auroc(ctr, y[:, col["Cardiomegaly"]]) > 0.95
-    target = np.array([dp.SYNTH_PREVALENCE[l] for l in dp.SYNTH_LABELS])
-    assert len(set(target)) == len(target) and target.max() >= 2.5 * target.min()   # realistic, unequal
+    target = np.array([dp.SYNTH_PREVALENCE_BY_VERSION[v][l] for l in dp.SYNTH_LABELS])
+    assert len(set(target)) >= 4 and target.max() >= 1.6 * target.min()      # realistic, unequal
     assert np.abs(y.mean(0) - target).max() < 0.04                            # 900 draws: within ~3 sigma
     assert abs(np.corrcoef(y.T)[np.triu_indices(len(target), 1)]).max() < 0.15   # labels ~independent
-    assert all(masks["lungs"].reshape(len(ims), -1).mean(1) > 0.1)
+    assert all(masks["lungs"].reshape(len(ims), -1).mean(1) > (0.1 if v == 1 else 0.05))   # v2: small, far patients
+
+
+def test_phantom_version_1_is_reproduced_exactly():
+    """--phantom-version 1 is the benchmark of BENCHMARKS.md §1-§10: its sampled cases, labels and reports are pinned
+    by a hash (pure rng draws, identical on every platform), its pixels by per-image means and mask areas taken
+    before version 2 existed (pillow's resampling may move a grey level by one between releases: a tolerance)."""
+    import hashlib
+    import json
+    ts = dp.synthetic_tasks(40, 5, 1)
+    blob = json.dumps([[t["id"], t["patient"], t["phantom"], t["labels"], t["report"]] for t in ts], sort_keys=True)
+    assert hashlib.sha256(blob.encode()).hexdigest() == \
+        "5f2d2e2cff39d64b53db132b5e6d90d7d3ccafdb75f0cca375d0825740126ed7"
+    ims = [dp.render_phantom(t["phantom"], 64) for t in ts]
+    means = [float(i[0].mean()) for i in ims]
+    np.testing.assert_allclose(means[:8], [128.35, 135.9, 133.42, 139.9, 109.93, 128.49, 107.55, 104.04], atol=0.1)
+    assert abs(np.mean(means) - 122.883) < 0.05
+    areas = [int(sum(i[1][s].sum() for i in ims)) for s in dp.SYNTH_STRUCTURES]
+    np.testing.assert_allclose(areas, [37764, 11703, 395, 21, 520, 109], rtol=0.01)
+    assert dp.synthetic_tasks(40, 5, 2)[0]["phantom"] != ts[0]["phantom"]     # version 2 is another draw
+
+
+def test_phantom_v2_findings_are_visible_at_the_training_resolution():
+    """Version 2 puts every finding above what a 128-px image resolves: a nodule covers >= ~10 px at 128 px (v1: a
+    median 16 at 128 px, ~3-6 px across) and the pose spread is wide (no fixed-place template)."""
+    tasks = dp.synthetic_tasks(300, 4, 2)
+    area = {s: [] for s in ("nodule", "effusion", "consolidation", "pneumothorax")}
+    for t in tasks:
+        if any(t["labels"][l] == "1" for l in ("Nodule", "Effusion", "Consolidation", "Pneumothorax")):
+            _, m = dp.render_phantom(t["phantom"], 128)
+            for s in area:
+                if t["labels"][s.capitalize()] == "1":
+                    area[s].append(int(m[s].sum()))
+    assert all(len(v) >= 10 for v in area.values()), {k: len(v) for k, v in area.items()}
+    assert np.percentile(area["nodule"], 5) >= 10 and np.median(area["nodule"]) >= 30, sorted(area["nodule"])
+    for s in ("effusion", "consolidation", "pneumothorax"):
+        assert np.percentile(area[s], 10) >= 30, (s, sorted(area[s])[:10])
+    rot = np.array([t["phantom"]["acq"]["rot"] for t in tasks])
+    zoom = np.array([t["phantom"]["acq"]["zoom"] for t in tasks])
+    assert rot.std() > 0.1 and zoom.max() / zoom.min() > 1.35                 # v1: rot std 0.046, zoom 1.08/0.82
+
+
+def test_phantom_devices_are_drawn_where_the_pose_puts_them():
+    """The ECG leads are drawn by mapping patient -> image coordinates with the inverse of the renderer's pose: an
+    electrode placed on a nodule's centre lands on the nodule's mask, under rotation, shift and zoom."""
+    t = next(t for t in dp.synthetic_tasks(400, 9, 2) if t["labels"]["Nodule"] == "1"
+             and abs(t["phantom"]["acq"]["rot"]) > 0.1 and not any(t["phantom"]["acq"]["collim"]))
+    case = json.loads(json.dumps(t["phantom"]))
+    nod = case["findings"]["Nodule"]
+    case["devices"] = [{"pts": [[1.1, -1.0], [0.5, -0.5], [0.2, 0.4], [nod["x"], nod["y"]]], "w": 0.004,
+                        "dens": 3.0, "electrode": 0.6 * nod["r"]}]
+    S = 256
+    dev = dp.draw_devices(case["devices"], case["acq"], S)
+    _, m = dp.render_phantom(case, S)
+    blob = dev > 2.5                                                          # the electrode only (wire density 3x)
+    ys, xs = np.nonzero(blob)
+    ny, nx = np.nonzero(m["nodule"])
+    assert len(xs) > 5 and abs(xs.mean() - nx.mean()) < 1.5 and abs(ys.mean() - ny.mean()) < 1.5
+    assert m["nodule"][blob].mean() > 0.9
 
 
 def _probe_auroc(F, y, train):
@@ -566,9 +625,10 @@ def _probe_auroc(F, y, train):
 
 
 def test_findings_not_predictable_from_global_image_statistics(phantoms):
-    """A probe on global statistics (mean, std, percentiles, histogram) stays near chance for every finding, while a
-    linear probe on 32x32 pixels finds the findings with a fixed-place shape cue (heart size, blunted bases)."""
-    ims, _, y, patients = phantoms
+    """A probe on global statistics (mean, std, percentiles, histogram) stays near chance for every finding. In
+    version 1 a linear probe on 32x32 pixels finds cardiomegaly and effusion with a fixed-place shape cue (heart
+    border, blunted bases): a pixel template. Version 2's free pose takes that shortcut away."""
+    ims, _, y, patients, v = phantoms
     train = patients % 3 != 0                                                   # held-out split by patient
     flat = ims.reshape(len(ims), -1)
     q = np.percentile(flat, [1, 5, 10, 25, 50, 75, 90, 95, 99], axis=1).T
@@ -580,5 +640,8 @@ def test_findings_not_predictable_from_global_image_statistics(phantoms):
     print("stats-probe / pixel-probe AUROC:", {l: (round(a, 3), round(b, 3)) for l, (a, b) in res.items()})
     for l, (a_stats, _) in res.items():
         assert a_stats < 0.65, (l, a_stats)
-    for l in ("Cardiomegaly", "Effusion"):
-        assert res[l][1] > res[l][0] + 0.15, (l, res[l])
+    if v == 1:
+        for l in ("Cardiomegaly", "Effusion"):
+            assert res[l][1] > res[l][0] + 0.15, (l, res[l])
+    else:                                                                       # measured: 0.945 -> 0.68, 0.71 -> 0.64
+        assert res["Cardiomegaly"][1] < 0.8 and res["Effusion"][1] < 0.7, res

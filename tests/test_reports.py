@@ -392,7 +392,7 @@ def test_eval_task_report_end_to_end(tiny):
             assert s[k] is None or 0.0 <= s[k] <= 1.0
     assert set(r["vs"]["jepa/beam3"]) == {"random/beam3", "pixels/beam3", "none/beam3", "retrieval-jepa"}
     assert set(r["vs"]["retrieval-jepa"]) == {"retrieval-random", "retrieval-pixels"}
-    assert len(r["examples"]) == 6 and all(e["reference"] for e in r["examples"])
+    assert len(r["examples"]) == min(6, r["n_test"]) >= 4 and all(e["reference"] for e in r["examples"])
     md = (out / "report.md").read_text()
     assert "## Report generation" in md and "| retrieval-jepa |" in md and "Classification" not in md
     assert (out / "report_examples.png").stat().st_size > 0
