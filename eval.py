@@ -2107,6 +2107,11 @@ def ablate_args(argv):
     p.add_argument("--no-baseline", action="store_true",
                    help="with --rows: do not add the baseline row (e.g. a second seed of one row whose baseline seed "
                         "is not needed yet); the table still compares with whatever baseline runs exist")
+    p.add_argument("--add-row", nargs=2, action="append", default=[], metavar=("ID", "FLAGS"),
+                   help="an extra row: ID and the radjepa.py flags it changes, in one quoted string (e.g. --add-row "
+                        "adopted '--pred-depth 6 --ema 0.999'): a combination of factors, or a factor the list lacks. "
+                        "Recorded in OUT/rows.json, so later calls (and --table-only) know it; reusing an ID with "
+                        "other flags is refused. Its warmup is 10%% of --steps, as for every row")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from finished runs; train nothing")
     p.add_argument("--probe-sizes", type=int, nargs="+", default=[128, 256],
@@ -2119,7 +2124,10 @@ def ablate_args(argv):
     p.add_argument("--device", default="cpu", help="cpu|cuda (pretraining and probes)")
     a = p.parse_args(argv)
     a.recipe = recipe
-    ids = [r[0] for r in ABLATION_ROWS]
+    a.all_rows = ablation_rows(a.out, a.add_row)
+    ids = [r[0] for r in a.all_rows]
+    if a.rows is None and a.add_row:                              # only the rows just added (and the baseline)
+        a.rows = [rid for rid, _ in a.add_row]
     if a.rows:
         bad = [r for r in a.rows if r not in ids]
         if bad:
@@ -2131,6 +2139,26 @@ def ablate_args(argv):
         raise EvalError("--steps must be >= 1 and --seeds must name at least one seed")
     a.data = a.data or os.path.join(a.out, "data")
     return a
+
+
+def ablation_rows(out, added=()):
+    """ABLATION_ROWS + the rows added with --add-row (kept in OUT/rows.json: {id: flags string})."""
+    import shlex
+    path = os.path.join(out, "rows.json")
+    have = json.load(open(path)) if os.path.isfile(path) else {}
+    builtin = {r[0] for r in ABLATION_ROWS}
+    for rid, flags in added:
+        if rid in builtin or not re.fullmatch(r"[A-Za-z0-9_.=+-]+", rid):
+            raise EvalError(f"--add-row {rid!r}: the id must be new (not one of --list) and use only letters, digits "
+                            f"and _ . = + -")
+        if not flags.strip().startswith("--"):
+            raise EvalError(f"--add-row {rid}: FLAGS must be radjepa.py flags in one string, e.g. '--pred-depth 6'")
+        if have.get(rid, flags) != flags:
+            raise EvalError(f"--add-row {rid}: {path} already defines it as {have[rid]!r}; pick another id")
+        have[rid] = flags
+    if added:
+        _atomic_json(path, have)
+    return ABLATION_ROWS + [(rid, "added row", f"`{flags}`", shlex.split(flags), 0.1) for rid, flags in have.items()]
 
 
 def probe_once(make_feats, sizes, data, masks, anatomy, pargs, device, log):
@@ -2173,7 +2201,7 @@ def _atomic_json(path, obj):
 def ablation_train_argv(a, rid, seed):
     """The radjepa.py flags of one run: recipe, then the row's change, then length/seed/output (later flags win)."""
     import radjepa
-    _, _, _, flags, wu = next(r for r in ABLATION_ROWS if r[0] == rid)
+    _, _, _, flags, wu = next(r for r in a.all_rows if r[0] == rid)
     argv = ["--data", a.data, *a.recipe, *flags]
     if a.ema_compress:  # the share of the target that is still its random init must not depend on the run length
         c = radjepa.make_config(radjepa.parse_args(argv))       # the recipe's own length and EMA momenta (+ row's)
@@ -2190,7 +2218,7 @@ def ablate(argv):
     import radjepa
     a = ablate_args(argv)
     if a.list:
-        for rid, factor, value, flags, wu in ABLATION_ROWS:
+        for rid, factor, value, flags, wu in a.all_rows:
             print(f"{rid:20s} {factor}: {value}  [{' '.join(flags) or '-'}{'' if wu == 0.1 else f', warmup {wu:.0%}'}]")
         return 0
     device = torch.device(a.device)
@@ -2221,7 +2249,7 @@ def ablate(argv):
                 raise EvalError(f"row {rid}: {msg.splitlines()[0].removeprefix('error: ')}")
     anatomy = anatomy_structures(a.data, data)
     run_root = os.path.join(a.out, f"s{a.steps}")
-    rows = {r[0]: r for r in ABLATION_ROWS}
+    rows = {r[0]: r for r in a.all_rows}
     for rid in ([] if a.table_only else a.rows):
         _, factor, value, flags, wu = rows[rid]
         for seed in a.seeds:
@@ -2407,8 +2435,8 @@ def write_ablation_table(a, data, anatomy, log):
         p = os.path.join(a.out, "baselines", d, "result.json")
         if os.path.isfile(p):
             base_res[d] = {**json.load(open(p)), "_path": p}
-    order = [r[0] for r in ABLATION_ROWS]
-    meta = {r[0]: r for r in ABLATION_ROWS}
+    order = [r[0] for r in a.all_rows]
+    meta = {r[0]: r for r in a.all_rows}
     metrics = [f"{p}/auroc" for p in CLS_PROBES] + ["dice"] + [f"{p}/auprc" for p in CLS_PROBES]
     table = {"steps": a.steps, "n_boot": a.n_boot, "probe_sizes": a.probe_sizes, "anatomy": anatomy,
              "recipe": a.recipe, "rows": {}, "baselines": {}, "failed": failed}

@@ -154,3 +154,21 @@ def test_rows_add_the_baseline_unless_told_not_to():
     assert len(names) == len(set(names)) and "precision=fp32" in names
     recipe = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiment.sh")).read()
     assert "--lr 3e-4" in recipe  # the adopted CPU recipe (BENCHMARKS.md §10); the lr rows bracket it
+
+
+def test_added_rows_are_recorded_and_trained_with_their_flags(tmp_path, capsys):
+    """--add-row ID FLAGS: a combination row. It is remembered in OUT/rows.json (a later call, or --table-only, knows
+    it without repeating it), its flags go to radjepa.py after the recipe's, and a clash is a one-line error."""
+    out = str(tmp_path / "o")
+    a = E.ablate_args([out, "--add-row", "combo", "--pred-depth 2 --ema 0.999", "--", *RECIPE])
+    assert a.rows == ["baseline", "combo"]                     # only what was added, plus the baseline
+    argv = E.ablation_train_argv(a, "combo", 0)
+    c = radjepa.make_config(radjepa.parse_args(argv))
+    assert c.pred_depth == 2 and c.ema == pytest.approx(1 - (1 - 0.999) * 10 / 200)   # compressed like any row
+    assert json.loads((tmp_path / "o" / "rows.json").read_text()) == {"combo": "--pred-depth 2 --ema 0.999"}
+    b = E.ablate_args([out, "--rows", "combo", "--", *RECIPE])  # a later call knows it
+    assert b.rows == ["baseline", "combo"] and b.all_rows[-1][3] == ["--pred-depth", "2", "--ema", "0.999"]
+    for bad, msg in ((["combo", "--pred-depth 3"], "already defines it"), (["lr=1e-3", "--lr 1"], "must be new"),
+                     (["x y", "--lr 1"], "must be new"), (["z", "pred-depth 3"], "FLAGS must be")):
+        assert E.main(["ablate", out, "--add-row", *bad, "--", *RECIPE]) == 2
+        assert msg in capsys.readouterr().err
