@@ -79,7 +79,8 @@ SEG_LR = (1e-3, 1e-2)                      # AdamW learning rate of the segmenta
 QUICK = dict(probe=["linear", "grid"], seg_epochs=15, n_boot=500, mask_size=64)
 # The shortest pretraining (steps x batch images) measured to beat random init on these phantoms (BENCHMARKS.md
 # sections 1 and 9: 1,000 steps of 64 at 128 px win segmentation and the grid probe; the 600-step quick start (19,200
-# images) and a 1,200-step variant (38,400) did not win at all); shorter checkpoints get a warning, and a verdict
+# images) and a 1,200-step variant (38,400) did not win at all; on phantom version 2, section 11, 500 steps (32,000)
+# win nothing and 1,000 win the linear probe and segmentation); shorter checkpoints get a warning, and a verdict
 # without a win says why.
 MIN_IMAGES_TO_WIN = 64000
 
@@ -1194,8 +1195,9 @@ def verdict(m):
             text += (f" The model ({pt['width']} wide, {pt['depth']} deep) saw {pt['images_seen']:,} images"
                      + (f", final loss {pt['loss']:.3f}, effective rank {pt['erank']:.0f}" if pt.get("loss") else "")
                      + ". " + ("It is too short: " + too_short_text(pt) + ". " if pt["images_seen"] < MIN_IMAGES_TO_WIN
-                              else "") + "`bash experiment.sh cpu` (1,000 steps of 64, about 65 min on 2 CPU cores) "
-                     "shows significant wins in segmentation and the grid probe (BENCHMARKS.md).")
+                              else "") + "`bash experiment.sh cpu-long` (2,000 steps of 64 on 10,000 unlabeled phantoms, about 75 "
+                     "min on 2 CPU cores) shows significant wins in both pretraining seeds on the grid probe and "
+                     "in segmentation (BENCHMARKS.md §11).")
     if losses:
         text += f" Worse than {name} on: " + "; ".join(losses) + "."
     return dict(helped=bool(wins), wins=wins, losses=losses, text=text)

@@ -1080,7 +1080,8 @@ def train(c: Config):
     if master:
         plot_log(os.path.join(c.out, "log.jsonl"), os.path.join(c.out, "loss.png"))
         print(f"done: step {step}, checkpoint {ckpt_path}")
-    if ddp:
+    if ddp:  # wait for rank 0's checkpoint and plot: a rank that tears gloo down alone can abort at exit (seen in CI)
+        dist.barrier()
         dist.destroy_process_group()
     return encoder, predictor, target
 

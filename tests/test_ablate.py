@@ -154,6 +154,17 @@ def test_rows_add_the_baseline_unless_told_not_to():
     assert len(names) == len(set(names)) and "precision=fp32" in names
     recipe = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiment.sh")).read()
     assert "--lr 3e-4" in recipe  # the adopted CPU recipe (BENCHMARKS.md §10); the lr rows bracket it
+    assert 'POOL=10000' in recipe and '-- --data "$PRE"' in recipe  # §11: pretraining on the unlabeled pool
+
+
+def test_a_recipe_data_folder_is_the_pretraining_set_and_the_probes_keep_theirs(tmp_path):
+    """experiment.sh ablate passes `-- --data POOL ...`: every row pretrains on the pool (and a row's own --data, e.g.
+    --add-row pool '--data P2', wins over both), while the probes stay on ablate's --data."""
+    out = str(tmp_path / "o")
+    a = E.ablate_args([out, "--data", "labeled", "--add-row", "other", "--data p2", "--", "--data", "pool", *RECIPE])
+    assert a.data == "labeled"
+    for rid, want in (("baseline", "pool"), ("other", "p2")):
+        assert radjepa.make_config(radjepa.parse_args(E.ablation_train_argv(a, rid, 0))).data == want
 
 
 def test_added_rows_are_recorded_and_trained_with_their_flags(tmp_path, capsys):
