@@ -1195,9 +1195,9 @@ def verdict(m):
             text += (f" The model ({pt['width']} wide, {pt['depth']} deep) saw {pt['images_seen']:,} images"
                      + (f", final loss {pt['loss']:.3f}, effective rank {pt['erank']:.0f}" if pt.get("loss") else "")
                      + ". " + ("It is too short: " + too_short_text(pt) + ". " if pt["images_seen"] < MIN_IMAGES_TO_WIN
-                              else "") + "`bash experiment.sh cpu-long` (2,000 steps of 64 on 10,000 unlabeled phantoms, about 75 "
-                     "min on 2 CPU cores) shows significant wins in both pretraining seeds on the grid probe and "
-                     "in segmentation (BENCHMARKS.md §11).")
+                              else "") + "`bash experiment.sh cpu-long` (2,000 steps of 64 on 10,000 unlabeled "
+                     "phantoms, 22 min of pretraining on 2 CPU cores) shows significant wins in both pretraining "
+                     "seeds on the grid probe and in segmentation (BENCHMARKS.md §11).")
     if losses:
         text += f" Worse than {name} on: " + "; ".join(losses) + "."
     return dict(helped=bool(wins), wins=wins, losses=losses, text=text)
