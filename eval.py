@@ -1195,9 +1195,9 @@ def verdict(m):
             text += (f" The model ({pt['width']} wide, {pt['depth']} deep) saw {pt['images_seen']:,} images"
                      + (f", final loss {pt['loss']:.3f}, effective rank {pt['erank']:.0f}" if pt.get("loss") else "")
                      + ". " + ("It is too short: " + too_short_text(pt) + ". " if pt["images_seen"] < MIN_IMAGES_TO_WIN
-                              else "") + "`bash experiment.sh cpu-long` (2,000 steps of 64 on 10,000 unlabeled "
-                     "phantoms, 22 min of pretraining on 2 CPU cores) shows significant wins in both pretraining "
-                     "seeds on the grid probe and in segmentation (BENCHMARKS.md §11).")
+                              else "") + "`bash experiment.sh cpu` (4,000 steps of 64 on 10,000 unlabeled "
+                     "phantoms, 29 min of pretraining on 2 CPU cores) shows significant wins in both pretraining "
+                     "seeds under every probe and in segmentation (BENCHMARKS.md §11).")
     if losses:
         text += f" Worse than {name} on: " + "; ".join(losses) + "."
     return dict(helped=bool(wins), wins=wins, losses=losses, text=text)
@@ -2040,7 +2040,7 @@ def run(args):
 # 10. The ablation table: `python eval.py ablate OUT [flags] -- RECIPE` (what `bash experiment.sh ablate` runs)
 #
 # One row = one factor of the documented CPU recipe changed, everything else as in the recipe (RECIPE: the radjepa.py
-# flags of `experiment.sh cpu`). Each row is pretrained with every --seeds seed for --steps steps (warmup 10% of them,
+# flags of `experiment.sh cpu`, with 1,000 steps in `experiment.sh ablate`). Each row is pretrained with every --seeds seed for --steps steps (warmup 10% of them,
 # as the recipe's 100 of 1,000), then probed with the SAME frozen probes as every other row, at every --probe-sizes
 # resolution: linear, grid, attentive, segmentation, and the effective rank of its tokens. The random-init twin of
 # each architecture and raw pixels are probed once, the same way. Layout (re-running resumes; nothing finished reruns):

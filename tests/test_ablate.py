@@ -155,6 +155,9 @@ def test_rows_add_the_baseline_unless_told_not_to():
     recipe = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiment.sh")).read()
     assert "--lr 3e-4" in recipe  # the adopted CPU recipe (BENCHMARKS.md §10); the lr rows bracket it
     assert 'POOL=10000' in recipe and '-- --data "$PRE"' in recipe  # §11: pretraining on the unlabeled pool
+    cpu = recipe[recipe.index("  cpu|cpu-long|ablate)"):recipe.index("  gpu)")]
+    assert "STEPS=4000" in cpu and '[ "$MODE" = ablate ] && STEPS=1000' in cpu  # §11's length; ablate's base (§10)
+    assert '--steps "$STEPS" --warmup $((STEPS / 10))' in cpu
 
 
 def test_a_recipe_data_folder_is_the_pretraining_set_and_the_probes_keep_theirs(tmp_path):
