@@ -2040,8 +2040,8 @@ def run(args):
 # 10. The ablation table: `python eval.py ablate OUT [flags] -- RECIPE` (what `bash experiment.sh ablate` runs)
 #
 # One row = one factor of the documented CPU recipe changed, everything else as in the recipe (RECIPE: the radjepa.py
-# flags of `experiment.sh cpu`, with 1,000 steps in `experiment.sh ablate`). Each row is pretrained with every --seeds seed for --steps steps (warmup 10% of them,
-# as the recipe's 100 of 1,000), then probed with the SAME frozen probes as every other row, at every --probe-sizes
+# flags of `experiment.sh cpu`, with 1,000 steps in `experiment.sh ablate`). Each row is pretrained with every
+# --seeds seed for --steps steps (warmup 10% of them, as the base's 100 of 1,000), then probed with the SAME frozen probes as every other row, at every --probe-sizes
 # resolution: linear, grid, attentive, segmentation, and the effective rank of its tokens. The random-init twin of
 # each architecture and raw pixels are probed once, the same way. Layout (re-running resumes; nothing finished reruns):
 #   OUT/s{steps}/{row}/seed{k}/ckpt.pt, log.jsonl   pretraining (radjepa.py --resume continues a killed run)
