@@ -22,6 +22,7 @@ Prepared layout (OUT/):
                                policy, every skipped file with its reason.
     params.json                source, SRC, size, seed, modality: written before the first image; a later run into
                                OUT with other values is refused (--overwrite starts over), so runs never mix.
+    .lock                      held by the run writing OUT: a second run into OUT at the same time is refused.
 
 Why pad-to-square instead of a centre crop: a crop of a portrait radiograph cuts the costophrenic angles and the
 lateral chest wall, exactly where effusions and pneumothoraces show. Padding keeps all anatomy and keeps the
@@ -30,16 +31,15 @@ aspect ratio, so a heart looks as wide as it is (the cardiothoracic ratio surviv
 Splits are by patient: the dataset's official split where one exists, otherwise a deterministic hash of the
 patient id (sha1 -> 70% train / 10% val / 20% test; see split_for_patient).
 
-The file reads top-down: helpers (reading, geometry, writing) -> the conversion engine -> one section per source
+The file reads top-down: helpers (reading, geometry) -> the conversion engine -> one section per source
 -> synthetic phantoms -> benchmark -> CLI. Only numpy, pillow and tqdm are needed; pydicom only for DICOM sources.
+Atomic file writing, the OUT lock, CSV reading and image decoding are plumbing.py's, shared with the trainer.
 """
 
 import argparse
 import csv
-import gzip
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -53,13 +53,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+if __package__:  # installed: this file is radjepa.data_prep, its sibling radjepa.plumbing
+    from . import plumbing
+else:            # a clone: `python data_prep.py` from the repository root
+    import plumbing
+
 try:
     from tqdm import tqdm
 except ImportError:  # the progress bar is a nicety, never a requirement
     def tqdm(it, **kw):
         return it
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+IMAGE_EXTS = plumbing.IMAGE_EXTS | {".dcm", ".dicom"}  # what a source tree may hold; DICOM is decoded here
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test for the patient-hash split
 VAL_OF_TRAIN = 0.125               # val share carved out of an official "train" set that has no val part
 
@@ -89,7 +94,8 @@ CODEC_PACKAGES = {
 
 
 class PrepError(Exception):
-    """A problem with the user's input as a whole (missing CSV, missing column): stops the run with one line."""
+    """A problem with the user's input as a whole (missing CSV, missing column): stops the run with one line.
+    plumbing.BadInput (a CSV that is not UTF-8, a full disk, OUT in use) stops it the same way."""
 
 
 class BadFile(Exception):
@@ -102,46 +108,25 @@ class MissingCodec(PrepError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading images: everything becomes float32 [H, W] in [0, 1], 0 = black (air), 1 = white (bone).
+# PNG/JPEG/TIFF/BMP (8- or 16-bit, gray/RGB/RGBA/palette) are plumbing.load_image's, as for the trainer;
+# DICOM and JSRT's raw files are read here.
 
 def read_image(path, modalities=None):
-    """Read PNG/JPEG/TIFF/BMP (8- or 16-bit, gray/RGB/RGBA/palette) or DICOM. Raises BadFile.
+    """Read an image file or a DICOM. Raises BadFile with the reason (no path: meta.json names the file).
     modalities: DICOM Modality values to accept (e.g. CR, DX); None accepts any."""
-    path = Path(path)
     try:
-        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(132)
     except OSError as e:
         raise BadFile(f"cannot read: {e.strerror}") from None
-    if size == 0:
+    if not head:
         raise BadFile("zero-byte file")
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if path.suffix.lower() in (".dcm", ".dicom") or head[128:132] == b"DICM":
+    if Path(path).suffix.lower() in (".dcm", ".dicom") or head[128:132] == b"DICM":
         return read_dicom(path, modalities)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return pil_to_float(im)
-    except BadFile:
-        raise
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError("truncated"), SyntaxError, ...
-        msg = "not an image (unrecognised format)" if "identify" in str(e) else f"corrupt or truncated image: {e}"
-        raise BadFile(msg) from None
-
-
-def pil_to_float(im):
-    """PIL image -> float32 [H, W] in [0, 1], aware of the stored bit depth."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float32)
-        if im.mode == "F":  # float TIFF: no nominal range, stretch min..max
-            lo, hi = float(a.min()), float(a.max())
-            return (a - lo) / max(hi - lo, 1e-6)
-        # 16-bit containers often hold 10-, 12- or 14-bit data (PadChest, Montgomery): scale by the smallest
-        # 2**bits - 1 that holds the maximum, like DICOM's BitsStored, rather than by 65535 (a near-black image).
-        bits = max(8, int(math.ceil(math.log2(float(a.max()) + 1.0))))
-        return np.clip(a / (2.0 ** bits - 1.0), 0.0, 1.0)
-    if im.mode != "L":  # RGB / RGBA / P / LA / 1 / CMYK (a few NIH PNGs are RGBA, Shenzhen is RGB)
-        im = im.convert("L")
-    return np.asarray(im, dtype=np.float32) / 255.0
+        return plumbing.load_image(path)
+    except plumbing.BadImage as e:
+        raise BadFile(str(e).removeprefix(f"{path}: ")) from None
 
 
 def read_dicom(path, modalities=None):
@@ -266,22 +251,6 @@ def mask_to_square(mask, size):
     return np.where(pad_to_square_resize(mask.astype(np.float32), size) >= 0.5, 255, 0).astype(np.uint8)
 
 
-def write_png_atomic(arr, path):
-    """Write uint8 [H, W] as a grayscale PNG via a temp file + rename: a killed run never leaves half a PNG.
-    The temp name starts with '.' and does not end in .png, so nobody globbing *.png ever sees it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(arr, mode="L").save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(text, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")  # the readers insist on UTF-8; ids and reports may be non-ASCII
-    os.replace(tmp, path)
-
-
 def split_for_patient(patient, fractions=SPLIT_FRACTIONS):
     """Deterministic patient -> split: sha1 of the id gives a number u in [0, 1); u < 0.7 train, < 0.8 val, else
     test. Same on every machine and every run, and all images of a patient land in the same split."""
@@ -309,25 +278,12 @@ def safe_id(text):
     return out if out == text else f"{out}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-def read_csv(path, required=()):
-    """CSV (or .csv.gz) -> list of dicts keyed by the stripped header names. A missing column is an error naming it
-    and the file; so is a byte that is not UTF-8 (naming the line). (csv splits `OriginalImage[Width,Height]` into
-    two columns; we never use them, so that is harmless.)"""
-    path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-    try:
-        reader = csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise PrepError(f"{path} line {line}: not UTF-8 text") from None
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise PrepError(f"{path}: empty CSV file") from None
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise PrepError(f"{path}: missing column {missing[0]!r} (header: {','.join(header)})")
-    return [dict(zip(header, (v.strip() for v in row))) for row in reader if any(row)]
+def read_rows(path, required=()):
+    """A source's CSV (or .csv.gz) -> list of dicts keyed by the stripped header names, cells stripped. The
+    reading is plumbing.read_csv's: strict UTF-8 (a bad byte names the line), no field-size limit, a missing
+    column names it and the file. (csv splits `OriginalImage[Width,Height]` in two; we never use them.)"""
+    header, rows = plumbing.read_csv(path, required)
+    return [dict(zip(header, (c.strip() for c in cells))) for _, cells in rows]
 
 
 def find_file(root, *names):
@@ -359,15 +315,18 @@ def index_files(root, exts, skip=None):
 
 def convert_one(job):
     """Worker: convert one task. Returns (id, status, reasons) with status "ok" | "skip" | "fatal"; never raises,
-    so one bad file cannot crash the run. Masks are written first and the image last: the image marks 'done'."""
+    so one bad file cannot crash the run. Masks are written first and the image last: the image marks 'done'.
+    PNGs are written by plumbing.save_png (temp file + rename: a killed run never leaves half a PNG). "fatal"
+    is what every file would hit (a missing decoder, a full disk): the run stops with that one line."""
     task, out, size = job
     reasons = []
     try:
         if task["reader"] == "phantom":
             img, masks = render_phantom(task["phantom"], size)
             for name, m in masks.items():
-                write_png_atomic(np.where(m, 255, 0).astype(np.uint8), Path(out, "masks", name, task["id"] + ".png"))
-            write_png_atomic(img, Path(out, "images", task["id"] + ".png"))
+                plumbing.save_png(Path(out, "masks", name, task["id"] + ".png"),
+                                  np.where(m, 255, 0).astype(np.uint8))
+            plumbing.save_png(Path(out, "images", task["id"] + ".png"), img)
             return task["id"], "ok", reasons
         img = read_jsrt(task["src"]) if task["reader"] == "jsrt" else read_image(task["src"], task.get("modalities"))
         for name, spec in task.get("masks", {}).items():
@@ -381,15 +340,17 @@ def convert_one(job):
                     for i, f in enumerate(spec["files"]):
                         part = read_mask(f)
                         m = part if i == 0 else (m | part if part.shape == m.shape else m)
-                write_png_atomic(mask_to_square(m, size), Path(out, "masks", name, task["id"] + ".png"))
+                plumbing.save_png(Path(out, "masks", name, task["id"] + ".png"), mask_to_square(m, size))
+            except plumbing.BadInput:  # cannot write: not this mask's fault
+                raise
             except (BadFile, ValueError, OSError) as e:
                 reasons.append(f"mask {name}: {e}")  # no mask file for this image; the image itself is fine
-        write_png_atomic(to_uint8(pad_to_square_resize(img, size)), Path(out, "images", task["id"] + ".png"))
+        plumbing.save_png(Path(out, "images", task["id"] + ".png"), to_uint8(pad_to_square_resize(img, size)))
         return task["id"], "ok", reasons
-    except MissingCodec as e:
-        return task["id"], "fatal", [str(e)]
     except BadFile as e:
         return task["id"], "skip", [str(e)]
+    except (PrepError, plumbing.BadInput) as e:  # MissingCodec, no pydicom, cannot write
+        return task["id"], "fatal", [str(e)]
     except Exception as e:  # anything unexpected in one file: record it, keep going
         return task["id"], "skip", [f"{type(e).__name__}: {e}"]
 
@@ -412,11 +373,14 @@ def claim_folder(out, params, overwrite=False):
     if not any(out.glob("images/*.png")):
         pass  # nothing to mix with
     elif (out / "params.json").exists():
-        old = json.loads((out / "params.json").read_text())
+        old = plumbing.read_json(out / "params.json")
+        if not isinstance(old, dict):
+            raise PrepError(f"{out}/params.json is not readable JSON: it cannot say how the images were "
+                            f"made; rerun with --overwrite to start over, or use another folder")
         if "phantom_version" in params and "phantom_version" not in old:
             old["phantom_version"] = 1                   # written before there were versions: that was version 1
     elif (out / "meta.json").exists():  # written by an older data_prep.py: compare what it recorded
-        m = json.loads((out / "meta.json").read_text())
+        m = plumbing.read_json(out / "meta.json") or {}
         old = {**params, **{k: m[k] for k in ("source", "size", "seed") if k in m and k in params}}
         if "phantom_version" in params:
             old["phantom_version"] = m.get("phantom_version", 1)
@@ -428,17 +392,19 @@ def claim_folder(out, params, overwrite=False):
         raise PrepError(f"{out} was prepared with other parameters ({', '.join(diff)}): its images would not match; "
                         f"rerun with --overwrite to start over, or use another folder")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps(params, indent=1), out / "params.json")
+    plumbing.write_json(out / "params.json", params)
 
 
 def run_conversion(tasks, out, size, workers, source, labels, structures, skipped=(), extra_meta=None):
     """Convert every task not already done, then write labels.csv, info.csv and meta.json atomically. Images (and
     masks) in OUT that no task lists, left by an earlier run with another --n or source content, are removed."""
     out = Path(out)
-    ids = [t["id"] for t in tasks]
-    if len(set(ids)) != len(ids):
-        raise PrepError(f"{source}: duplicate image ids in the index (e.g. {next(i for i in ids if ids.count(i) > 1)})")
-    keep = set(ids)
+    first = {}
+    for t in tasks:
+        if (f := first.setdefault(t["id"], t)) is not t:
+            raise PrepError(f"{source}: duplicate image id {t['id']!r} in the index ({f.get('src')} and "
+                            f"{t.get('src')})")
+    keep = set(first)
     stale = [p for p in out.glob("images/*.png") if p.stem not in keep]
     stale += [p for p in out.glob("masks/*/*.png") if p.stem not in keep]
     for p in stale:
@@ -463,7 +429,7 @@ def run_conversion(tasks, out, size, workers, source, labels, structures, skippe
                                          disable=len(jobs) < 2):
             src = str(by_id[tid].get("src") or tid)
             if status == "fatal":
-                raise MissingCodec(reasons[0])
+                raise PrepError(reasons[0])
             if status == "skip":
                 failed.add(tid)
             skipped += [{"file": src, "reason": r} for r in reasons]
@@ -499,7 +465,7 @@ def write_outputs(out, tasks, source, size, labels, structures, skipped, extra_m
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "patient", "split"] + list(labels))
     w.writerows(rows)
-    write_text_atomic(buf.getvalue(), out / "labels.csv")
+    plumbing.write_text(out / "labels.csv", buf.getvalue())
     info_keys = sorted({k for t in tasks for k in t.get("info", {})})
     if info_keys:
         buf = io.StringIO()
@@ -507,14 +473,14 @@ def write_outputs(out, tasks, source, size, labels, structures, skipped, extra_m
         w.writerow(["image"] + info_keys)
         for t in sorted(tasks, key=lambda t: t["id"]):
             w.writerow([f"images/{t['id']}.png"] + [t.get("info", {}).get(k, "") for k in info_keys])
-        write_text_atomic(buf.getvalue(), out / "info.csv")
+        plumbing.write_text(out / "info.csv", buf.getvalue())
     meta = {"source": source, "size": size, "labels": list(labels), "structures": list(structures),
             "counts": counts,
             "prevalence": {s: {l: (round(p / k, 4) if k else None) for l, (p, k) in d.items()} for s, d in pos.items()},
             "uncertain_policy": None, "n_images": len(rows), "n_skipped": len(skipped),
             "skipped": skipped, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     meta.update(extra_meta)
-    write_text_atomic(json.dumps(meta, indent=1), out / "meta.json")
+    plumbing.write_json(out / "meta.json", meta)
     print(f"{out}: {len(rows)} images (train {counts['train']}, val {counts['val']}, test {counts['test']}), "
           f"{len(skipped)} skipped; labels.csv, meta.json written")
 
@@ -542,7 +508,7 @@ def src_nih(src, args):
     entry = find_file(src, "Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
     if entry is None:
         raise PrepError(f"{src}: no Data_Entry_2017_v2020.csv or Data_Entry_2017.csv found")
-    rows = read_csv(entry, ["Image Index", "Finding Labels", "Patient ID"])
+    rows = read_rows(entry, ["Image Index", "Finding Labels", "Patient ID"])
     lists = {}
     for name, split in (("train_val_list.txt", "trainval"), ("test_list.txt", "test")):
         p = find_file(src, name)
@@ -583,7 +549,7 @@ def src_chexpert(src, args):
             if csv_name == "train.csv":
                 raise PrepError(f"{src}: train.csv not found (point SRC at the CheXpert-v1.0(-small) folder)")
             continue
-        rows = read_csv(path, ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS)
+        rows = read_rows(path, ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS)
         for r in rows:
             # "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg": drop the dataset-name prefix
             parts = Path(r["Path"]).parts
@@ -616,14 +582,15 @@ def src_mimic(src, args):
     lab_f = find_file(src, f"{pre}{args.labeler}.csv.gz", f"{pre}{args.labeler}.csv")
     if split_f is None or lab_f is None:
         raise PrepError(f"{src}: need {pre}split.csv(.gz) and {pre}{args.labeler}.csv(.gz)")
-    lab_rows = read_csv(lab_f, ["subject_id", "study_id"])
+    lab_rows = read_rows(lab_f, ["subject_id", "study_id"])
     label_names = [c for c in lab_rows[0] if c not in ("subject_id", "study_id")] if lab_rows else []
     # labels are per *study*: join them to images on (subject_id, study_id)
     study_labels = {(r["subject_id"], r["study_id"]): r for r in lab_rows}
     meta_f = find_file(src, pre + "metadata.csv.gz", pre + "metadata.csv")
-    views = {r["dicom_id"]: r.get("ViewPosition", "") for r in read_csv(meta_f, ["dicom_id"])} if meta_f else {}
+    views = {r["dicom_id"]: r.get("ViewPosition", "")
+             for r in read_rows(meta_f, ["dicom_id"])} if meta_f else {}
     tasks, skipped = [], []
-    for r in read_csv(split_f, ["dicom_id", "study_id", "subject_id", "split"]):
+    for r in read_rows(split_f, ["dicom_id", "study_id", "subject_id", "split"]):
         sid, study, did = r["subject_id"], r["study_id"], r["dicom_id"]
         view = views.get(did, "")
         if args.frontal_only and view not in ("PA", "AP"):
@@ -660,7 +627,7 @@ def src_vindr(src, args):
             p = find_file(src, f"annotations/image_labels_{split_kind}.csv")
             if p is None:
                 continue
-            rows = read_csv(p, ["image_id"])
+            rows = read_rows(p, ["image_id"])
             cols = [c for c in rows[0] if c not in ("image_id", "rad_id", "rad_ID")] if rows else []
             cols = ["Other diseases" if c == "Other disease" else c for c in cols]  # test file spells it singular
             label_names = label_names or cols
@@ -679,7 +646,7 @@ def src_vindr(src, args):
             raise PrepError(f"{src}: neither annotations/image_labels_train.csv nor train.csv found")
         label_names = VINDR_CLASSES
         reads = {}  # image -> {reader: set of classes}; one CSV row per box per reader, "No finding" = no box
-        for r in read_csv(p, ["image_id", "class_name", "rad_id"]):
+        for r in read_rows(p, ["image_id", "class_name", "rad_id"]):
             reads.setdefault(r["image_id"], {}).setdefault(r["rad_id"], set()).add(r["class_name"])
         for img, by_reader in reads.items():
             votes[img] = ("train", {l: sum(l in c for c in by_reader.values()) for l in label_names}, [len(by_reader)])
@@ -702,7 +669,7 @@ def src_rsna(src, args):
     if p is None:
         raise PrepError(f"{src}: stage_2_train_labels.csv not found")
     target = {}
-    for r in read_csv(p, ["patientId", "Target"]):  # one row per box; negatives have no box and Target 0
+    for r in read_rows(p, ["patientId", "Target"]):  # one row per box; negatives have no box and Target 0
         target[r["patientId"]] = max(target.get(r["patientId"], 0), int(float(r["Target"] or 0)))
     dicoms = index_files(src / "stage_2_train_images" if (src / "stage_2_train_images").exists() else src, {".dcm"},
                          args.out)
@@ -722,7 +689,7 @@ def src_siim(src, args):
     if p is None:
         raise PrepError(f"{src}: train-rle.csv (or stage_2_train.csv) not found")
     rles = {}
-    for r in read_csv(p, ["ImageId", "EncodedPixels"]):  # header is "ImageId, EncodedPixels" (leading space)
+    for r in read_rows(p, ["ImageId", "EncodedPixels"]):  # header is "ImageId, EncodedPixels" (leading space)
         rles.setdefault(r["ImageId"], [])
         if r["EncodedPixels"] not in ("-1", ""):  # -1 = no pneumothorax; several rows = several components
             rles[r["ImageId"]].append(r["EncodedPixels"])
@@ -905,7 +872,7 @@ def attach_mimic_reports(tasks, src, reports_dir):
 def attach_chexpert_plus_reports(tasks, src, csv_path):
     """CheXpert Plus (df_chexpert_plus_*.csv): path_to_image, section_findings, section_impression per image. Paths are
     matched without the dataset-name prefix and the extension (CheXpert Plus ships PNGs of the same JPGs)."""
-    rows = read_csv(csv_path, ["path_to_image", "section_findings", "section_impression"])
+    rows = read_rows(csv_path, ["path_to_image", "section_findings", "section_impression"])
     key = lambda p: str(Path(*[q for q in Path(p).parts if not q.startswith("CheXpert")]).with_suffix(""))  # noqa: E731
     by_path = {key(r["path_to_image"]): r for r in rows}
     skipped = []
@@ -973,8 +940,8 @@ def src_iu_xray(src, args):
     pngs = index_files(src, {".png"})
     proj_f = find_file(src, "indiana_projections.csv")
     proj = {os.path.splitext(r["filename"])[0].removesuffix(".dcm"): r["projection"].lower()
-            for r in read_csv(proj_f, ["filename", "projection"])} if proj_f else {}
-    tasks, skipped, report_skipped = [], [], []
+            for r in read_rows(proj_f, ["filename", "projection"])} if proj_f else {}
+    tasks, skipped, report_skipped, listed_by = [], [], [], {}
     for x in xmls:
         try:
             rep = parse_iu_xml(x)
@@ -989,6 +956,11 @@ def src_iu_xray(src, args):
             if iid not in pngs:
                 skipped.append({"file": iid + ".png", "reason": f"listed in {x.name} but image file not found"})
                 continue
+            if iid in listed_by:  # whose report and labels would it get?
+                first = listed_by[iid]
+                where = f"twice in {x}" if first == x else f"by two report XMLs, {first} and {x}"
+                raise PrepError(f"image {pngs[iid]} is listed {where}: each image belongs to one report")
+            listed_by[iid] = x
             t = {"id": safe_id(iid), "src": pngs[iid], "reader": "auto", "patient": rep["report_id"], "split": None,
                  "labels": labels, "info": {"view": view}}
             body = {"findings": rep["findings"], "impression": rep["impression"]}
@@ -1006,7 +978,7 @@ def write_reports(out, tasks):
     w.writerow(["image", "findings", "impression"])
     rows = [t for t in sorted(tasks, key=lambda t: t["id"]) if t.get("report")]
     w.writerows([f"images/{t['id']}.png", t["report"]["findings"], t["report"]["impression"]] for t in rows)
-    write_text_atomic(buf.getvalue(), Path(out) / "reports.csv")
+    plumbing.write_text(Path(out) / "reports.csv", buf.getvalue())
     return {"n_images_with_report": len(rows), "n_images_without": len(tasks) - len(rows)}
 
 SOURCES = {"nih": src_nih, "chexpert": src_chexpert, "mimic": src_mimic, "vindr": src_vindr, "rsna": src_rsna,
@@ -1490,8 +1462,9 @@ def bench(args):
     raw.mkdir(parents=True, exist_ok=True)
     for t in synthetic_tasks(args.n, 123):  # realistic-looking 1024x1024 8-bit PNGs, like NIH ChestX-ray14
         p = raw / f"{t['id']}.png"
-        if not p.exists():
-            Image.fromarray(render_phantom(t["phantom"], 1024)[0]).save(p)
+        if not p.exists():  # default compression like the originals; atomic: no half PNG after a kill
+            with plumbing.atomic_open(p) as f:
+                Image.fromarray(render_phantom(t["phantom"], 1024)[0]).save(f, format="PNG")
     lines = [f"## data_prep.py benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
              f"pillow {Image.__version__})", "",
              f"Command: `python data_prep.py bench {args.dir} --n {args.n}`", "",
@@ -1525,7 +1498,7 @@ def bench(args):
                         for w in args.workers), ""]
     print("\n".join(lines))
     if args.report:
-        Path(args.report).write_text("\n".join(lines) + "\n")
+        plumbing.write_text(args.report, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1598,22 +1571,21 @@ def main(argv=None):
             raise PrepError(f"--n must be >= 1 (got {args.n})")
         if args.source != "synthetic" and not Path(args.src).is_dir():
             raise PrepError(f"{args.src}: not a folder")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise PrepError(f"{args.out}: is a file, not a folder")
         if args.source != "synthetic" and Path(args.out).resolve() in (Path(args.src).resolve(),
                                                                         *Path(args.src).resolve().parents):
             raise PrepError(f"{args.out} holds SRC {args.src}: a rerun would read its own output as source images")
         given = {**vars(args), "src": str(Path(args.src).resolve()) if args.source != "synthetic" else None}
         params = {k: given[k] for k in IMAGE_PARAMS if k in given}
-        claim_folder(args.out, params, args.overwrite)
-        if args.source == "synthetic":
-            tasks, labels, structures, skipped, extra = src_synthetic(args)
-        else:
-            tasks, labels, structures, skipped, extra = SOURCES[args.source](args.src, args)
-        extra = {**extra, "params": params}
-        return run_conversion(tasks, args.out, args.size, args.workers, args.source, labels, structures,
-                              skipped, extra)
-    except PrepError as e:
+        with plumbing.claim_out(args.out, f"OUT {args.out}"):  # a writable folder, one live run in it
+            claim_folder(args.out, params, args.overwrite)
+            if args.source == "synthetic":
+                tasks, labels, structures, skipped, extra = src_synthetic(args)
+            else:
+                tasks, labels, structures, skipped, extra = SOURCES[args.source](args.src, args)
+            extra = {**extra, "params": params}
+            return run_conversion(tasks, args.out, args.size, args.workers, args.source, labels, structures,
+                                  skipped, extra)
+    except (PrepError, plumbing.BadInput) as e:
         sys.exit(f"data_prep: error: {e}")
 
 

@@ -12,10 +12,10 @@
 #   bash experiment.sh gpu   [OUT]   # GPU scale (more images, larger model, more steps): sized for <= 10 min on an H200
 #   bash experiment.sh ablate [OUT] [FLAGS]  # one-factor ablations of the cpu recipe, 2 seeds each, every row probed
 #                                    # alike at 128 and 256 px -> OUT/ablation_s{steps}.md/.json; resumable. FLAGS go
-#                                    # to `eval.py ablate` (--steps N, --rows ID.., --list, --table-only; see --help).
+#                                    # to `python -m bench.ablate` (--steps N, --rows ID.., --list, --table-only, ...).
 #                                    # Full table at the default 200 steps: ~6 h of 2 free cores (BENCHMARKS.md §10)
 #   bash experiment.sh gpu-check OUT # GPU: kernels bench + loss curves triton/compile vs torch + end-to-end benchmark,
-#                                    # one call of <= 9 min into one flat folder (python -m kernels.gpu_check)
+#                                    # one call of <= 9 min into one flat folder (python -m bench.gpu_check)
 #
 # Re-running is cheap: the dataset is resumed (data_prep.py converts only missing images), pretraining resumes from
 # OUT/jepa/ckpt.pt (a finished run is not repeated), and eval.py reuses its cached features.
@@ -25,10 +25,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 MODE="${1:-cpu}"
 OUT="${2:-runs/experiment_$MODE}"
-EXTRA=("${@:3}")  # ablate only: flags for eval.py ablate
+EXTRA=("${@:3}")  # ablate only: flags for python -m bench.ablate
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 PHANTOM="${PHANTOM:-2}"
-if [ "$MODE" = gpu-check ]; then exec "$PY" -m kernels.gpu_check --out "$OUT"; fi
+if [ "$MODE" = gpu-check ]; then exec "$PY" -m bench.gpu_check --out "$OUT"; fi
 
 # Sizes per mode, and why (measurements in BENCHMARKS.md):
 # - cpu and ablate pretrain on a separate pool of 10,000 unlabeled phantoms (seed SEED+1: other patients, so no
@@ -61,7 +61,7 @@ case "$MODE" in
     # epochs of its 6,977 train images), warmup 10% of the steps. At 1,000-2,000 steps the tokens' effective rank was
     # still recovering from its dip at the peak LR and the attentive probe tied random init; at 4,000 it ends at ~70
     # (random init 44) and every probe wins at both probe sizes. --lr 3e-4: the §10 winner (1e-3 collapsed the rank).
-    # ablate: every row of the table is this recipe with one factor changed, on a 1,000-step base: eval.py ablate
+    # ablate: every row of the table is this recipe with one factor changed, on a 1,000-step base: bench/ablate.py
     # sets --steps and --warmup (10%) and scales 1 - EMA momentum by 1,000 / --steps unless --no-ema-compress (so
     # §10's tables are reproduced as they were made); `--steps 4000 --no-ema-compress` is cpu itself.
     [ "$MODE" = cpu-long ] && echo "note: cpu-long is now cpu (4,000 steps, BENCHMARKS.md §11)" >&2
@@ -100,7 +100,7 @@ fi
 stamp "data"
 
 if [ "$MODE" = ablate ]; then  # N short pretraining runs + the same probes for each, then the table
-  "$PY" eval.py ablate "$OUT" --data "$OUT/data" "${EXTRA[@]}" -- --data "$PRE" "${TRAIN[@]}"
+  "$PY" -m bench.ablate "$OUT" --data "$OUT/data" "${EXTRA[@]}" -- --data "$PRE" "${TRAIN[@]}"
   stamp "ablate"
   cat "$OUT"/ablation_s*.md
   exit 0

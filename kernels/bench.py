@@ -1,9 +1,11 @@
 """
 Benchmark of kernels/ against the PyTorch alternatives, prepared to run in one call on a CUDA machine.
 
-    python -m kernels.bench --out bench_out                       # GPU; writes bench_out/kernels_bench.{json,md}
-    python -m kernels.bench --smoke --out /tmp/kb                 # CPU (Triton interpreter), tiny sizes, ~10 s:
-                                                                  # proves the script runs; timings meaningless
+    python -m kernels.bench             # GPU; prints the markdown table (--json: the result as JSON)
+    python -m kernels.bench --smoke     # CPU (Triton interpreter), tiny sizes, ~10 s: proves the script
+                                        # runs; timings meaningless
+    python -m bench.kernels --out DIR   # the same run, written to DIR/kernels_bench.{json,md} (bench/
+                                        # writes the files; this module only measures and prints)
 Attention (bf16, real I-JEPA lengths: batch 128, 25-200 tokens per sequence, 12 heads, head dim 64 and 32):
   1. correctness: max |out - fp32 reference| of o, dq, dk, dv for ours, torch varlen_attn and padded SDPA;
      ours passes if its error <= 2 x varlen_attn's (the fastest same-dtype torch path) + 1e-3.
@@ -15,10 +17,11 @@ Attention (bf16, real I-JEPA lengths: batch 128, 25-200 tokens per sequence, 12 
        (c) truncated the official I-JEPA approach: cut every sequence to the shortest, SDPA flash without a mask
      TFLOP/s count the useful work 4 * sum(L^2) * H * Dh per fwd (x 3.5 for fwd+bwd: bwd = 2.5 fwd); for (c) the
      work of the truncated problem (it solves a smaller, different problem: it drops tokens).
-Gather (bf16, width 768, 14x14 grid): context gather (+pos) and the fused target LN + gather + smooth-L1 (+dL/dz)
-  against the plain torch paths: index + add for the gather; for the loss both the official way (F.layer_norm of all
-  B*N rows + torch.gather + F.smooth_l1_loss) and radjepa.py's own fallback jepa_loss_torch (gather the target rows
-  first, layer-norm only those), the best torch path; speed-up = best torch row / ours.
+Gather (bf16, width 768, 14x14 grid): context gather (+pos) and the fused target LN + gather + smooth-L1
+  (+dL/dz) against the plain torch paths: index + add for the gather; for the loss both the official way
+  (F.layer_norm of all B*N rows + torch.gather + F.smooth_l1_loss) and gather.py's reference
+  ln_gather_smooth_l1_ref (gather the target rows first, layer-norm only those: the order of radjepa.py's
+  jepa_loss_torch), the best torch path; speed-up = best torch row / ours.
   GB/s = bytes the kernel must move / time, compared with a measured device copy (read + write).
 Targets (from the issue): attention fwd+bwd at least as fast as (a); gathers >= 70% of copy bandwidth.
 Padding/gathering of the baselines' inputs is not timed (favours the baselines).
@@ -28,7 +31,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -39,9 +41,10 @@ H200_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM rate on this workplace's H2
 H200_COPY_GBPS = 4300.0  # measured device copy bandwidth (read + write bytes / time)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for kernels_bench.json and kernels_bench.md")
+def parser(prog=None):
+    """The measurement's flags (bench/kernels.py adds --out to the same parser)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU in the Triton interpreter")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--heads", type=int, default=12)
@@ -49,7 +52,11 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 32])
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def settle(p, args):
+    """--smoke sizes, and the lengths checked (p.error on a bad pair) -> args."""
     if args.smoke:  # a few tiny tiles: each interpreted tile costs milliseconds
         args.batch, args.heads, args.min_len, args.max_len, args.head_dims = 4, 2, 1, 40, [32]
     if not 1 <= args.min_len <= args.max_len:
@@ -78,8 +85,8 @@ class Timer:
 # ----------------------------------------------------------------------------------------------------------------
 
 def attention_section(args, device, timer):
-    from kernels import varlen_attention as va
-    from kernels.varlen_attention import varlen_attention, varlen_attention_ref
+    from . import varlen_attention as va
+    from .varlen_attention import varlen_attention, varlen_attention_ref
 
     def ours(atomic_dq):  # the backward's dQ variant is chosen at forward time (module flag, see the kernel file)
         def fn(a, b, c):
@@ -181,8 +188,7 @@ def attention_section(args, device, timer):
 # ----------------------------------------------------------------------------------------------------------------
 
 def gather_section(args, device, timer):
-    from kernels.gather import gather_rows, gather_rows_ref, ln_gather_smooth_l1, ln_gather_smooth_l1_ref
-    from radjepa import jepa_loss_torch  # the project's own torch path: the baseline the kernel must beat
+    from .gather import gather_rows, gather_rows_ref, ln_gather_smooth_l1, ln_gather_smooth_l1_ref
     dt, es = torch.bfloat16, 2  # element size in bytes
     side, D, k_tgt = (4, 96, 3) if args.smoke else (14, 768, 33)
     N = side * side
@@ -244,8 +250,9 @@ def gather_section(args, device, timer):
         rows = []
         for name, fn in (("ours: ln_gather_smooth_l1 (+dL/dz)", lambda: ln_gather_smooth_l1(z, h, flat_tgt)),
                          ("torch, official: layer_norm(all) + gather + smooth_l1", torch_path),
-                         ("torch, radjepa fallback: gather targets + layer_norm + smooth_l1 (jepa_loss_torch)",
-                          lambda: jepa_loss_torch(z, h, flat_tgt))):
+                         ("torch, gather first: gather targets + layer_norm + smooth_l1 "
+                          "(ln_gather_smooth_l1_ref; jepa_loss_torch's order)",
+                          lambda: ln_gather_smooth_l1_ref(z, h, flat_tgt))):
             ms_fb = timer(lambda: torch.autograd.grad(fn(), z))
             rows.append(dict(method=name, fwd_bwd_us=ms_fb * 1e3, gbps=byts / ms_fb * 1e-6,
                              frac_of_copy=byts / ms_fb * 1e-6 / copy_gbps))
@@ -303,44 +310,47 @@ def to_markdown(r):
     return "\n".join(lines)
 
 
-def write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_results(out, stem, result, to_markdown):
-    """OUT/<stem>.json and OUT/<stem>.md, each written atomically (kernels.bench and kernels.train_bench)."""
-    os.makedirs(out, exist_ok=True)
-    write_atomic(os.path.join(out, f"{stem}.json"), json.dumps(result, indent=2))
-    md = to_markdown(result)
-    write_atomic(os.path.join(out, f"{stem}.md"), md)
-    print(md)
-
-
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(args, command):
+    """The whole measurement (args from parser() + settle()) -> the result dict; nothing is written."""
     cuda = torch.cuda.is_available()
     if args.smoke and not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel import
     elif not cuda:
-        raise SystemExit("kernels/bench.py: no CUDA device; run with --smoke for the CPU interpreter check")
+        raise SystemExit("error: kernels/bench.py: no CUDA device; run with --smoke for the CPU "
+                         "interpreter check")
     import triton
-    from kernels import varlen_attention as va
+
+    from . import varlen_attention as va
     if not cuda and not va.INTERPRET:
-        raise SystemExit("kernels/bench.py --smoke on CPU: kernels were imported before TRITON_INTERPRET=1 was set")
+        raise SystemExit("error: kernels/bench.py --smoke on CPU: kernels were imported before "
+                         "TRITON_INTERPRET=1 was set")
     device = "cpu" if va.INTERPRET else "cuda"
     timer = Timer(device)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    result = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  machine=torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.machine()} (Triton interpreter)",
+    machine = (torch.cuda.get_device_name() if device == "cuda"
+               else f"CPU {platform.machine()} (Triton interpreter)")
+    result = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine,
                   torch=torch.__version__, triton=triton.__version__, mode="smoke" if args.smoke else "full",
-                  command="python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-                  attention=attention_section(args, device, timer), gather=gather_section(args, device, timer))
+                  command=command, attention=attention_section(args, device, timer),
+                  gather=gather_section(args, device, timer))
     result["seconds"] = time.time() - t0
-    save_results(args.out, "kernels_bench", result, to_markdown)
+    return result
+
+
+def main(argv=None):
+    """Measure and print (the markdown table, or --json); bench/kernels.py writes the same run to a
+    folder."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser("python -m kernels.bench")
+    p.add_argument("--json", action="store_true", help="print the result as JSON, not the markdown table")
+    p.add_argument("--out", help=argparse.SUPPRESS)  # moved to bench/: say where, in one line
+    args = settle(p, p.parse_args(argv))
+    if args.out is not None:
+        raise SystemExit(f"error: kernels.bench only prints; to write the files run `python -m bench.kernels "
+                         f"--out {args.out}` from the repository root")
+    result = run(args, "python -m kernels.bench " + " ".join(argv))
+    print(json.dumps(result, indent=2) if args.json else to_markdown(result))
     return result
 
 

@@ -1,5 +1,7 @@
-"""The ablation harness (eval.py ablate / experiment.sh ablate): a tiny 2-row x 2-seed table end to end, the table's
-numbers recomputed from the stored test scores, and resume (finished runs are skipped, a killed run continues)."""
+"""The ablation harness (python -m bench.ablate, experiment.sh ablate): a tiny 2-row x 2-seed table end to end, the
+table's numbers recomputed from the stored test scores, resume (finished runs are skipped, a killed run continues),
+and rows whose flags are refused before they are recorded."""
+import fcntl
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import torch
 
 import eval as E
 import radjepa
+from bench import ablate as A
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = ["--model", "vit_tiny", "--width", "32", "--heads", "2", "--depth", "2", "--pred-width", "16",
@@ -35,18 +38,18 @@ def tiny(tmp_path_factory):
 
 
 def _argv(root, *extra):
-    return ["ablate", str(root / "abl"), "--data", str(root / "data"), "--steps", "2", "--rows", "n_targets=2",
+    return [str(root / "abl"), "--data", str(root / "data"), "--steps", "2", "--rows", "n_targets=2",
             "--probe-sizes", "64", "128", "--epochs", "1", "--seg-epochs", "1", "--n-boot", "30", "--mask-size", "32",
             *extra, "--", *RECIPE]
 
 
 def test_ablation_table_end_to_end_and_resume(tiny, capsys):
     root = tiny
-    a = E.ablate_args(_argv(root)[1:])
+    a = A.ablate_args(_argv(root))
     assert a.rows == ["baseline", "n_targets=2"] and a.seeds == [0, 1]
     # a run killed mid-pretraining: step 1 of 2 on disk, no result. The harness must continue it, not restart it.
-    radjepa.main(E.ablation_train_argv(a, "n_targets=2", 1) + ["--stop-at", "1"])
-    assert E.main(_argv(root)) == 0
+    radjepa.main(A.ablation_train_argv(a, "n_targets=2", 1) + ["--stop-at", "1"])
+    assert A.main(_argv(root)) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "at step 1" in out
     runs = root / "abl" / "s2"
@@ -100,20 +103,20 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
     # resume: nothing finished is rerun (no training, no probing); results and checkpoints are untouched
     stamp = {p: p.stat().st_mtime_ns for p in (root / "abl").rglob("*") if p.suffix in (".json", ".pt")
              and "ablation_" not in p.name}
-    assert E.main(_argv(root)) == 0
+    assert A.main(_argv(root)) == 0
     out = capsys.readouterr().out
     assert "=== " not in out and "RadJEPA |" not in out
     assert stamp == {p: p.stat().st_mtime_ns for p in stamp}
     # a lost result (e.g. killed while probing) is re-probed from the finished checkpoint, without retraining
     (runs / "baseline" / "seed1" / "result.json").unlink()
-    assert E.main(_argv(root)) == 0
+    assert A.main(_argv(root)) == 0
     out = capsys.readouterr().out
     assert "=== ablation row baseline" in out and "RadJEPA |" not in out
     assert (runs / "baseline" / "seed1" / "result.json").is_file()
 
     # a changed recipe is never mixed into a table of the old one
     argv = _argv(root)
-    assert E.main(argv[:-len(RECIPE)] + [x if x != "16" or i != RECIPE.index("--pred-width") + 1 else "32"
+    assert A.main(argv[:-len(RECIPE)] + [x if x != "16" or i != RECIPE.index("--pred-width") + 1 else "32"
                                          for i, x in enumerate(RECIPE)]) == 2
     assert "was trained with other pred_width than this call asks for" in capsys.readouterr().err
 
@@ -124,7 +127,7 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
     for f in (runs / "lr=3e-3").glob("seed*/result.json"):
         f.write_text(json.dumps({**json.loads(f.read_text()), "row": "lr=3e-3"}))
     shutil.copytree(runs, root / "abl" / "s5")
-    assert E.main(["ablate", str(root / "abl"), "--data", str(root / "data"), "--steps", "5", "--table-only",
+    assert A.main([str(root / "abl"), "--data", str(root / "data"), "--steps", "5", "--table-only",
                    "--probe-sizes", "64", "128", "--n-boot", "30", "--", *RECIPE]) == 0
     md5 = (root / "abl" / "ablation_s5.md").read_text()
     assert "| erank | Spearman +1.00 over 3 rows |" in md5 and "RadJEPA |" not in capsys.readouterr().out
@@ -132,25 +135,28 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
 
 def test_ablation_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
     root = tiny
-    assert E.main(["ablate", str(tmp_path / "o"), "--data", str(root / "data"), "--rows", "nope", "--", *RECIPE]) == 2
+    assert A.main([str(tmp_path / "o"), "--data", str(root / "data"), "--rows", "nope", "--", *RECIPE]) == 2
     assert "unknown ablation row(s) nope" in capsys.readouterr().err
     # a row whose flags the recipe cannot take (4 target blocks of a 2-block encoder): found before anything trains
-    assert E.main(["ablate", str(tmp_path / "o"), "--data", str(root / "data"), "--rows", "target=last4",
+    assert A.main([str(tmp_path / "o"), "--data", str(root / "data"), "--rows", "target=last4",
                    "--", *RECIPE]) == 2
     cap = capsys.readouterr()
     assert cap.err.strip() == "error: row target=last4: --target-blocks must be between 1 and --depth 2, not 4"
     assert "RadJEPA |" not in cap.out and not (tmp_path / "o" / "s200" / "baseline").exists()
-    # two harnesses on one folder would train into the same checkpoints
+    # two harnesses on one folder would train into the same checkpoints (the lock is plumbing.lock_file's flock)
     (tmp_path / "o2").mkdir()
-    (tmp_path / "o2" / "s3.lock").write_text(str(os.getppid()))          # a live process that is not us
-    assert E.main(["ablate", str(tmp_path / "o2"), "--data", str(root / "data"), "--steps", "3", "--", *RECIPE]) == 2
-    assert "is running on" in capsys.readouterr().err
+    with open(tmp_path / "o2" / "s3.lock", "w") as holder:                 # a live harness holds it
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242\n"), holder.flush()
+        assert A.main([str(tmp_path / "o2"), "--data", str(root / "data"), "--steps", "3", "--", *RECIPE]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'o2'} (python -m bench.ablate --steps 3) is in use by " \
+                                      f"another process (pid 4242); wait for it or stop it\n"
 
 
 def test_rows_add_the_baseline_unless_told_not_to():
-    assert E.ablate_args(["x", "--rows", "lr=1e-3"]).rows == ["baseline", "lr=1e-3"]
-    assert E.ablate_args(["x", "--rows", "lr=1e-3", "ema=0.999-1", "--no-baseline"]).rows == ["lr=1e-3", "ema=0.999-1"]
-    names = [r[0] for r in E.ABLATION_ROWS]
+    assert A.ablate_args(["x", "--rows", "lr=1e-3"]).rows == ["baseline", "lr=1e-3"]
+    assert A.ablate_args(["x", "--rows", "lr=1e-3", "ema=0.999-1", "--no-baseline"]).rows == ["lr=1e-3", "ema=0.999-1"]
+    names = [r[0] for r in A.ABLATION_ROWS]
     assert len(names) == len(set(names)) and "precision=fp32" in names
     recipe = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiment.sh")).read()
     assert "--lr 3e-4" in recipe  # the adopted CPU recipe (BENCHMARKS.md §10); the lr rows bracket it
@@ -164,25 +170,49 @@ def test_a_recipe_data_folder_is_the_pretraining_set_and_the_probes_keep_theirs(
     """experiment.sh ablate passes `-- --data POOL ...`: every row pretrains on the pool (and a row's own --data, e.g.
     --add-row pool '--data P2', wins over both), while the probes stay on ablate's --data."""
     out = str(tmp_path / "o")
-    a = E.ablate_args([out, "--data", "labeled", "--add-row", "other", "--data p2", "--", "--data", "pool", *RECIPE])
+    a = A.ablate_args([out, "--data", "labeled", "--add-row", "other", "--data p2", "--", "--data", "pool", *RECIPE])
     assert a.data == "labeled"
     for rid, want in (("baseline", "pool"), ("other", "p2")):
-        assert radjepa.make_config(radjepa.parse_args(E.ablation_train_argv(a, rid, 0))).data == want
+        assert radjepa.make_config(radjepa.parse_args(A.ablation_train_argv(a, rid, 0))).data == want
 
 
 def test_added_rows_are_recorded_and_trained_with_their_flags(tmp_path, capsys):
     """--add-row ID FLAGS: a combination row. It is remembered in OUT/rows.json (a later call, or --table-only, knows
     it without repeating it), its flags go to radjepa.py after the recipe's, and a clash is a one-line error."""
     out = str(tmp_path / "o")
-    a = E.ablate_args([out, "--add-row", "combo", "--pred-depth 2 --ema 0.999", "--", *RECIPE])
+    a = A.ablate_args([out, "--add-row", "combo", "--pred-depth 2 --ema 0.999", "--", *RECIPE])
     assert a.rows == ["baseline", "combo"]                     # only what was added, plus the baseline
-    argv = E.ablation_train_argv(a, "combo", 0)
+    argv = A.ablation_train_argv(a, "combo", 0)
     c = radjepa.make_config(radjepa.parse_args(argv))
     assert c.pred_depth == 2 and c.ema == pytest.approx(1 - (1 - 0.999) * 10 / 200)   # compressed like any row
     assert json.loads((tmp_path / "o" / "rows.json").read_text()) == {"combo": "--pred-depth 2 --ema 0.999"}
-    b = E.ablate_args([out, "--rows", "combo", "--", *RECIPE])  # a later call knows it
+    b = A.ablate_args([out, "--rows", "combo", "--", *RECIPE])  # a later call knows it
     assert b.rows == ["baseline", "combo"] and b.all_rows[-1][3] == ["--pred-depth", "2", "--ema", "0.999"]
     for bad, msg in ((["combo", "--pred-depth 3"], "already defines it"), (["lr=1e-3", "--lr 1"], "must be new"),
                      (["x y", "--lr 1"], "must be new"), (["z", "pred-depth 3"], "FLAGS must be")):
-        assert E.main(["ablate", out, "--add-row", *bad, "--", *RECIPE]) == 2
+        assert A.main([out, "--add-row", *bad, "--", *RECIPE]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_a_bad_added_row_is_refused_with_its_reason_and_never_recorded(tmp_path, capsys):
+    """Issue 22: `--add-row ID '--lr abc'` (or an unknown flag) printed radjepa's whole usage, ended with "error: row
+    ID: 2" and stayed in OUT/rows.json, so the folder refused every later fix. Now: one line with the reason, before
+    anything is recorded; the corrected row is then accepted."""
+    out = tmp_path / "o"
+    for flags, reason in (("--lr abc", "--lr: invalid float value: 'abc'"),
+                          ("--nope 1", "unrecognized arguments: --nope 1"),
+                          ("--pred-depth 0", "--pred-depth 0: must be an integer >= 1"),
+                          ("--lr '1", "No closing quotation")):
+        capsys.readouterr()
+        assert A.main([str(out), "--add-row", "bad", flags, "--", *RECIPE]) == 2
+        cap = capsys.readouterr()
+        assert cap.err == f"error: row bad: {reason}\n" and "usage:" not in cap.out + cap.err, (flags, cap)
+        assert not (out / "rows.json").exists()
+    assert A.ablate_args([str(out), "--add-row", "bad", "--lr 1e-3", "--", *RECIPE]).rows == ["baseline", "bad"]
+    assert json.loads((out / "rows.json").read_text()) == {"bad": "--lr 1e-3"}
+
+
+def test_eval_py_ablate_prints_the_new_command(capsys):
+    assert E.main(["ablate", "OUT", "--data", "my data", "--", "--lr", "1e-3"]) == 2
+    assert capsys.readouterr().err == "error: the ablation harness moved; run: python -m bench.ablate OUT --data " \
+                                      "'my data' -- --lr 1e-3\n"

@@ -1,11 +1,13 @@
 """Tests for data_prep.py: every source on fixtures fabricated here in the dataset's exact layout and header
-(tiny images), DICOM handling, bad files, resume, and the synthetic phantoms (determinism, masks, no label leak
-through global image statistics)."""
+(tiny images), DICOM handling, bad files, resume, what plumbing.py does for it (reading back, one-line
+refusals), and the synthetic phantoms (determinism, masks, no label leak through global image statistics)."""
 
 import csv
+import errno
 import gzip
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data_prep as dp  # noqa: E402
+import plumbing  # noqa: E402
 
 S = 32  # prepared size used by the fixture runs: tiny and fast
 
@@ -120,16 +123,25 @@ def test_rle_relative_and_absolute_agree_column_major():
     assert (dp.rle_decode(relative, h, w, "auto") == truth).all()
 
 
-def test_write_png_atomic_never_leaves_half_a_file(tmp_path, monkeypatch):
-    target = tmp_path / "x.png"
+@pytest.mark.parametrize("when", ["encoding", "writing"])
+def test_png_writes_never_leave_half_a_file(tmp_path, monkeypatch, when):
+    """data_prep writes every PNG with plumbing.save_png: a kill while a PNG is encoded or written leaves no
+    image, no mask and no temp file (resume counts an image that exists as done)."""
+    task = dp.synthetic_tasks(1, 0)[0]
+    for sub in ["images"] + [f"masks/{s}" for s in dp.SYNTH_STRUCTURES]:
+        (tmp_path / sub).mkdir(parents=True)
 
-    def broken_save(self, fp, *a, **k):       # simulate a kill in the middle of writing
-        Path(fp).write_bytes(b"\x89PNG half")
+    def killed(*a, **k):                      # a kill in the middle of encoding / of writing the file
+        if when == "encoding":
+            a[1].write(b"\x89PNG half")
         raise KeyboardInterrupt
-    monkeypatch.setattr(Image.Image, "save", broken_save)
+    if when == "encoding":
+        monkeypatch.setattr(Image.Image, "save", killed)
+    else:
+        monkeypatch.setattr(os, "fsync", killed)   # the temp file holds the bytes, not yet renamed
     with pytest.raises(KeyboardInterrupt):
-        dp.write_png_atomic(np.zeros((4, 4), np.uint8), target)
-    assert not target.exists() and not list(tmp_path.glob("*.png"))
+        dp.convert_one((task, str(tmp_path), S))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 # ---------------------------------------------------------------------------------------------- image reading
@@ -229,7 +241,7 @@ def test_folder_bad_files_are_skipped_and_listed(tmp_path):
     reasons = {Path(s["file"]).name: s["reason"] for s in m["skipped"]}
     assert set(reasons) == {"zero.png", "trunc.png", "text.png", "notes.txt", "bad.dcm"}
     assert "zero-byte" in reasons["zero.png"] and "truncated" in reasons["trunc.png"]
-    assert "not an image" in reasons["text.png"] and "not an image" in reasons["notes.txt"]
+    assert "not a readable image" in reasons["text.png"] and "not an image file" in reasons["notes.txt"]
     for f in (tmp_path / "out" / "images").iterdir():
         im = Image.open(f)
         assert im.mode == "L" and im.size == (S, S)
@@ -488,6 +500,107 @@ def test_jsrt_raw_12bit_big_endian_and_scr_masks(tmp_path):
     lungs = np.asarray(Image.open(tmp_path / "out" / "masks" / "lungs" / "JPCLN001.png")) > 0
     assert lungs[32, 16] and lungs[32, 48] and not lungs[32, 34]               # left U right lung
     assert not (tmp_path / "out" / "masks" / "lungs" / "JPCNN001.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+
+def read_back(out):
+    """A prepared folder through plumbing's readers (radjepa.py's and eval.py's) -> (label rows, reports)."""
+    rows = plumbing.read_labels(out)["rows"]
+    return rows, plumbing.read_reports(out, [r["image"] for r in rows])
+
+
+def test_labels_and_reports_read_back_through_plumbing(tmp_path):
+    """reports.csv spells image paths as labels.csv does, so plumbing's reader finds every report (a row
+    spelled otherwise is refused there); the checks of read_labels (splits by patient, 1/0/blank) pass."""
+    run("synthetic", tmp_path / "o", "--n", 6, "--size", S, "--workers", 1)
+    rows, rep = read_back(tmp_path / "o")
+    made = {f"images/{t['id']}.png": t["report"] for t in dp.synthetic_tasks(6, 0)}
+    assert sorted(r["image"] for r in rows) == sorted(rep) == sorted(made)
+    assert all(rep[k] == (made[k]["findings"], made[k]["impression"]) for k in made)
+
+
+def iu_xml(path, uid, images):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ims = "".join(f'<parentImage id="{i}"><caption>PA</caption></parentImage>' for i in images)
+    path.write_text(f'<eCitation><uId id="{uid}"/><Abstract><AbstractText Label="FINDINGS">Clear lungs.'
+                    f'</AbstractText><AbstractText Label="IMPRESSION">Normal.</AbstractText></Abstract>'
+                    f'<MeSH><major>normal</major></MeSH>{ims}</eCitation>')
+
+
+def test_iu_xray_image_listed_by_two_reports_names_both_files(tmp_path):
+    """Issue 22: an image in two report XMLs refused the run without naming the two files (whose report and
+    labels would it get?). The message names the image and both XMLs; listed once, the folder reads back."""
+    src, xml = tmp_path / "iu", tmp_path / "iu" / "ecgen-radiology"
+    iu_xml(xml / "1.xml", "CXR1", ["CXR1_IM-1"])
+    iu_xml(xml / "2.xml", "CXR2", ["CXR2_IM-1", "CXR1_IM-1"])
+    for i in ("CXR1_IM-1", "CXR2_IM-1"):
+        png(src / "NLMCXR_png" / f"{i}.png")
+    with pytest.raises(SystemExit) as e:
+        run("iu_xray", src, tmp_path / "o", "--size", S, "--workers", 1)
+    assert str(e.value.code) == f"data_prep: error: image {src / 'NLMCXR_png' / 'CXR1_IM-1.png'} is listed " \
+                                f"by two report XMLs, {xml / '1.xml'} and {xml / '2.xml'}: " \
+                                f"each image belongs to one report"
+    iu_xml(xml / "2.xml", "CXR2", ["CXR2_IM-1", "CXR2_IM-1"])
+    with pytest.raises(SystemExit, match=f"CXR2_IM-1.png is listed twice in {re.escape(str(xml / '2.xml'))}"):
+        run("iu_xray", src, tmp_path / "o", "--size", S, "--workers", 1)
+    iu_xml(xml / "2.xml", "CXR2", ["CXR2_IM-1"])
+    run("iu_xray", src, tmp_path / "o", "--size", S, "--workers", 1)
+    rows, rep = read_back(tmp_path / "o")
+    assert rep == {f"images/CXR{i}_IM-1.png": ("Clear lungs.", "Normal.") for i in (1, 2)}
+    assert {r["patient"] for r in rows} == {"CXR1", "CXR2"}
+
+
+def test_source_csv_long_field_and_non_utf8_byte(tmp_path):
+    """Source CSVs are read by plumbing.read_csv: a 390 KB report field is read (csv's 128 KiB limit ended in
+    a traceback); a byte that is not UTF-8 stops the run in one line naming the file, line and byte."""
+    src = tmp_path / "CheXpert-v1.0-small"
+    rel = "train/patient00001/study1/view1_frontal.jpg"
+    png(src / rel)
+    write_csv(src / "train.csv", CHEXPERT_HEADER,
+              [[f"CheXpert-v1.0-small/{rel}", "F", 60, "Frontal", "AP"] + [""] * len(dp.CHEXPERT_LABELS)])
+    plus, long = tmp_path / "plus.csv", "Small left effusion. " * 19000                  # 399,000 characters
+    plus.write_text(f"path_to_image,section_findings,section_impression\n{rel},{long},Effusion.\n")
+    run("chexpert", src, tmp_path / "o", "--size", S, "--workers", 1, "--reports", plus)
+    assert read_back(tmp_path / "o")[1] == {"images/patient00001_study1_view1_frontal.png":
+                                            (long.strip(), "Effusion.")}
+    plus.write_bytes(b"path_to_image,section_findings,section_impression\n" + rel.encode() + b",Caf\xe9,x\n")
+    with pytest.raises(SystemExit) as e:
+        run("chexpert", src, tmp_path / "o", "--size", S, "--workers", 1, "--reports", plus)
+    assert str(e.value.code) == f"data_prep: error: {plus} line 2: not UTF-8 text (byte 0xe9)"
+
+
+def test_full_disk_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    """A PNG that cannot be written (here: no space left) stops the run with plumbing's one line naming the
+    file and the OS reason (before: every image recorded as skipped; the run 'succeeded' with 0 images)."""
+    fsync = os.fsync
+
+    def full(fd):
+        if ".png.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        run("synthetic", out, "--n", 3, "--size", S, "--workers", 1)
+    assert re.fullmatch(f"data_prep: error: cannot write {re.escape(str(out))}/[a-z]+/\\S+\\.png: no space "
+                        f"left on device", str(e.value.code)), e.value.code
+    assert not list(out.rglob("*.png*")) and not (out / "labels.csv").exists()       # no PNG, no temp file
+
+
+def test_out_in_use_by_another_run_is_refused(tmp_path):
+    """plumbing.claim_out, as for training and eval: one live run per OUT (two would mix their images); a dead
+    run's lock is taken over."""
+    out = tmp_path / "o"
+    out.mkdir()
+    held = plumbing.lock_file(out / ".lock", "another run")
+    with pytest.raises(SystemExit) as e:
+        run("synthetic", out, "--n", 2, "--size", S, "--workers", 1)
+    assert str(e.value.code) == f"data_prep: error: OUT {out} is in use by another process " \
+                                f"(pid {os.getpid()}); wait for it or stop it"
+    held.close()
+    run("synthetic", out, "--n", 2, "--size", S, "--workers", 1)
+    assert len(labels(out)) == 2
 
 
 # ---------------------------------------------------------------------------------------------- phantoms

@@ -89,7 +89,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny):
     ckpt, _, root = tiny
-    radjepa.export_timm(str(ckpt), str(root / "timm"))
+    radjepa.export_main([str(ckpt), str(root / "timm")])
     return root / "timm"
 
 
@@ -208,11 +208,16 @@ def test_export_cli_and_its_errors(tiny, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "t") if "tmp" in f]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for arg in (str(bad), str(tmp_path / "missing.pt")):                  # in-process: the same export_main
+    nan = tmp_path / "nan.pt"                      # issue 22: export wrote a timm model from NaN weights, exit 0
+    ck = torch.load(ckpt, weights_only=True)
+    next(iter(ck["target_encoder"].values())).fill_(float("nan"))
+    torch.save(ck, nan)
+    for arg, why in ((bad, "not a RadJEPA checkpoint"), (tmp_path / "missing.pt", "no such checkpoint"),
+                     (nan, "NaN/Inf")):                                    # in-process: the same export_main
         with pytest.raises(SystemExit) as e:
-            radjepa.export_main([arg, str(tmp_path / "u")])
+            radjepa.export_main([str(arg), str(tmp_path / "u")])
         err = str(e.value)
-        assert err.startswith("error: ") and "not a RadJEPA checkpoint" in err and "\n" not in err, err
+        assert err.startswith(f"error: {arg}") and why in err and "\n" not in err, err
     assert not (tmp_path / "u").exists()                                   # nothing written on error
 
 

@@ -27,12 +27,12 @@ def test_residual_stream_stays_fp32_under_bf16_autocast():
         blk.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
     gen = torch.Generator().manual_seed(0)
     masks = [sample_masks(gen, (4, 4), 4, min_ctx=4) for _ in range(2)]
-    mb = radjepa.batch_to(pack_masks(masks, 16), "cpu")
+    mb = pack_masks(masks, 16).to("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert enc.blocks[0].attn.qkv(torch.zeros(1, 64)).dtype == torch.bfloat16  # autocast is really on
         enc(torch.rand(2, 1, 64, 64))                                                # full image, cached table
         enc(torch.rand(2, 1, 96, 96))                                                # another grid
-        z = pred(enc(torch.rand(2, 1, 64, 64), mb["ctx_idx"], mb["ctx_seqs"]), mb, (4, 4))
+        z = pred(enc(torch.rand(2, 1, 64, 64), mb.ctx_idx, mb.ctx_seqs), mb)
     assert len(dtypes) == 2 * 3 + 1 and all(d == torch.float32 for d in dtypes), dtypes
     assert z.dtype == torch.bfloat16                                                 # only the output projection
     assert "pos" not in enc.state_dict() and "pos" not in pred.state_dict()         # checkpoints are unchanged

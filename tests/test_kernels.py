@@ -338,10 +338,11 @@ def test_available_reports_a_reason():
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_bench_smoke_mode_writes_json_and_markdown(tmp_path):
+    """kernels/bench.py measures; bench/kernels.py (`python -m bench.kernels --out DIR`) writes the files."""
     import json
 
-    from kernels import bench
-    result = bench.main(["--smoke", "--out", str(tmp_path)])
+    import bench.kernels
+    result = bench.kernels.main(["--smoke", "--out", str(tmp_path)])
     on_disk = json.loads((tmp_path / "kernels_bench.json").read_text())
     assert on_disk["mode"] == "smoke" and on_disk["attention"]["cases"]
     assert all(c["correct"] for c in result["attention"]["cases"]), result["attention"]["cases"]
@@ -367,9 +368,69 @@ def test_aot_check_compiles_the_attention_kernels_for_sm90():
         pytest.skip("this triton wheel has no NVIDIA backend / ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--quick"], cwd=root, env=env,
+    out = subprocess.run([sys.executable, "-m", "bench.aot_check", "--quick"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| fwd") or
             line.startswith("| bwd")]
     assert len(rows) == 6 and all(int(r[5]) == 0 for r in rows), out.stdout  # 0 spill bytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the room's walls: kernels/ stands on its own (a clone's `kernels`, or `radjepa.kernels` installed)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_kernels_import_nothing_of_the_project():
+    """Every import in kernels/*.py is relative (inside kernels/) or of a third-party module: none of
+    radjepa, plumbing, eval, data_prep or bench (bench/ imports kernels/, never the other way), and no
+    absolute `kernels` import, which would pick a clone's folder, or Hugging Face's `kernels`, for the
+    installed copy."""
+    import ast
+    import glob
+    project = {"radjepa", "plumbing", "eval", "data_prep", "bench", "kernels"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(root, "kernels", "*.py")))
+    names = sorted(map(os.path.basename, files))
+    assert names == ["__init__.py", "bench.py", "gather.py", "varlen_attention.py"]  # the measurement: bench/
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:  # level > 0: relative, inside kernels/
+                names = [node.module]
+            else:
+                continue
+            bad += [f"{os.path.basename(path)}:{node.lineno} imports {n}" for n in names
+                    if n.split(".")[0] in project]
+    assert not bad, bad
+
+
+def test_kernel_bench_only_prints_and_its_old_out_flag_names_the_new_command(capsys):
+    """kernels/bench.py writes no file (kernels/ has no writer); the old `python -m kernels.bench --out DIR`
+    says in one line which command writes the files now."""
+    from kernels import bench
+    with pytest.raises(SystemExit, match=r"^error: .*`python -m bench.kernels --out /tmp/x`") as e:
+        bench.main(["--smoke", "--out", "/tmp/x"])
+    assert "\n" not in str(e.value)
+
+
+def test_fast_ops_hand_out_the_kernels_only_when_they_reproduce_the_reference():
+    """The dispatch radjepa.py calls (kernels.fast_ops(torch ops, Seqs, check)), here with the kernels' own
+    PyTorch references as the torch ops: they agree; a changed formula (MSE for smooth-L1) stops."""
+    import types
+
+    import kernels
+
+    def make_seqs(lens, device):  # what the attention op reads of radjepa.Seqs
+        return types.SimpleNamespace(cu=cu_from_lens(lens).to(device), max_len=max(lens))
+
+    reference = dict(attention=lambda q, k, v, s: va.varlen_attention_ref(q, k, v, s.cu),
+                     gather=ga.gather_rows_ref, loss=ga.ln_gather_smooth_l1_ref)
+    check = dict(width=32, head_dims=(16,), device=DEV, dtype=torch.float32)
+    fast = kernels.fast_ops(reference, make_seqs, check)
+    assert sorted(fast) == ["attention", "gather", "loss"] and fast["gather"] is ga.gather_rows
+    assert kernels.fast_ops(reference, make_seqs) is not None  # no check: nothing is run
+    mse = dict(reference, loss=lambda z, h, idx: F.mse_loss(z, F.layer_norm(h.flatten(0, 1)[idx], (32,))))
+    with pytest.raises(SystemExit, match="^error: kernel op 'loss' disagrees"):
+        kernels.fast_ops(mse, make_seqs, check)

@@ -1,6 +1,7 @@
 """A newcomer's first hour: the quick evaluation (partial results survive a kill, the verdict and the too-short
 warning), `pip install .` imports from anywhere, bad image sizes are one-line errors, the pictures have axes and a
 legend, log records are typed, and data_prep.py runs without the model code."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -91,8 +92,11 @@ def test_verdict_names_the_win_or_says_why_not():
 
 # ------------------------------------------------------------------------------------------------ install, bad input
 
-def test_pip_install_imports_from_another_cwd(tmp_path):
-    """`pip install .` (what `pip install -e .` also reads: pyproject.toml) exposes the modules outside the repo."""
+def test_pip_install_owns_only_its_own_name_and_imports_from_another_cwd(tmp_path):
+    """`pip install .` (pyproject.toml; -e reads the same) installs ONE top-level name, `radjepa`: the method
+    is `import radjepa`, the rooms are radjepa.eval / .data_prep / .plumbing / .kernels. Nothing of ours is
+    named `kernels`, `eval` or `data_prep` at the top level, so Hugging Face's `kernels` (which transformers
+    >= 5 imports) and transformers itself import cleanly beside it, from another working directory."""
     pytest.importorskip("setuptools")                  # the build backend; offline, so no isolated build env
     import shutil
     src, site = tmp_path / "src", tmp_path / "site"   # a copy: the in-tree build must not litter the repository
@@ -101,13 +105,24 @@ def test_pip_install_imports_from_another_cwd(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                         "--quiet", "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    code = ("import radjepa, eval, data_prep, kernels, os; from radjepa import load_encoder; "
-            "print(os.path.dirname(radjepa.__file__), os.path.dirname(kernels.__file__))")
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == ["radjepa"]
+    code = ("import os, sys, importlib.util, radjepa, radjepa.eval, radjepa.data_prep, radjepa.plumbing, "
+            "radjepa.kernels; from radjepa import load_encoder, sample_masks, ViT, Predictor; "
+            "print(radjepa.__file__, radjepa.kernels.__file__, radjepa.eval.radjepa is radjepa.radjepa); "
+            "spec = importlib.util.find_spec('kernels'); print(spec and spec.origin); "
+            "import transformers; from transformers import Dinov2Config; print('transformers ok')"
+            if importlib.util.find_spec("transformers") else
+            "import radjepa, radjepa.eval, radjepa.kernels; print(radjepa.__file__, radjepa.kernels.__file__, "
+            "radjepa.eval.radjepa is radjepa.radjepa); print(None); print('transformers ok')")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [str(site), str(site / "kernels")]      # the installed copy, not the repo's
+    first, hf_kernels, ok = out.stdout.strip().splitlines()[-3:]
+    assert first.split() == [str(site / "radjepa" / "__init__.py"), str(site / "radjepa" / "kernels" / "__init__.py"),
+                             "True"]                                  # the installed copy, one method module
+    assert hf_kernels == "None" or str(site) not in hf_kernels        # `kernels` is never ours
+    assert ok == "transformers ok"
 
 
 def test_image_size_not_a_multiple_of_the_patch_is_a_one_line_error():
@@ -144,7 +159,7 @@ def test_log_records_are_typed_and_loss_png_has_one_panel_per_curve_with_axes(ti
 def test_plot_log_reads_untyped_legacy_logs(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in [{"config": {}}] + [{"step": s, "loss": 1 / s} for s in (1, 2, 3)]))
-    radjepa.plot_log(str(log), str(tmp_path / "loss.png"))
+    radjepa.plumbing.plot_log(str(log), str(tmp_path / "loss.png"), radjepa.CURVES)
     assert Image.open(tmp_path / "loss.png").size == (720, 170)           # only the loss panel: the others are absent
 
 
@@ -153,10 +168,10 @@ def test_masks_png_is_large_with_a_legend(tiny):
     im = np.asarray(Image.open(run / "masks.png").convert("RGB")).astype(int)
     assert im.shape[0] >= 256 + 20 and im.shape[1] >= 4 * 256            # 4 crops of 32 px shown at 256 px
     legend = im[256:]
-    for color in radjepa.LEGEND[:5]:                                      # context + 4 target swatches
+    for color in radjepa.plumbing.LEGEND[:5]:                                      # context + 4 target swatches
         assert (np.abs(legend - np.array(color)).sum(-1) == 0).sum() >= 100
     crops = im[:256]
-    assert (np.abs(crops - np.array(radjepa.LEGEND[0])).sum(-1) < 150).any()   # context tint on the crops
+    assert (np.abs(crops - np.array(radjepa.plumbing.LEGEND[0])).sum(-1) < 150).any()   # context tint on the crops
 
 
 # ------------------------------------------------------------------------------------------------ data_prep alone
@@ -171,3 +186,24 @@ def test_data_prep_does_not_import_the_model_and_the_loader_bench_lives_in_radje
     radjepa.main(["--data", str(data), "--img-size", "32", "--patch", "16", "--batch-size", "4", "--workers", "0",
                   "--min-ctx", "1", "--bench-loader", "2", "--out", str(tmp_path / "none")])
     assert "loader: " in capsys.readouterr().out and not (tmp_path / "none").exists()   # no model, no run folder
+
+
+def test_every_name_the_readme_points_to_exists():
+    """README pointers into the code (`name()` and `Name` in backticks, `python -m pkg.mod`, files) must exist:
+    once it sent readers to markers that were not there."""
+    import re
+    import eval as E
+    import plumbing
+    import report_gen
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    rooms = [radjepa, plumbing, E, report_gen]
+    method = text[text.index("## How I-JEPA works"):text.index("## Training on real data")]
+    names = set(re.findall(r"`(\w+)\(\)`", text)) | set(re.findall(r"`([A-Za-z]+_\w+|[A-Z][a-z]+)`", method))
+    assert {"jepa_loss_torch", "ema_update", "sample_masks", "Predictor", "pack_masks"} <= names
+    for name in names:
+        assert any(hasattr(m, name) for m in rooms), f"README names `{name}`, which no room defines"
+    for mod in set(re.findall(r"python3? -m ((?:bench|kernels)\.[a-z_]+)", text)):
+        assert os.path.isfile(os.path.join(REPO, *mod.split(".")) + ".py"), mod
+    for path in set(re.findall(r"`((?:bench|kernels|tests)/\w+\.py)`", text)):
+        assert os.path.isfile(os.path.join(REPO, path)), path
+    assert "TRAINING STEP BEGIN" not in text

@@ -1,5 +1,6 @@
 """Tests for radjepa.py: masking properties, packed-batch equivalence, resolution, EMA, schedules, exact resume,
 torchrun (2 gloo processes), bad inputs, and a short run whose loss falls. CPU only, a minute or two in all."""
+import dataclasses
 import json
 import math
 import os
@@ -92,33 +93,33 @@ def test_pack_masks_keeps_every_patch():
     N, gen = 64, torch.Generator().manual_seed(1)
     masks = [sample_masks(gen, (8, 8), 4, min_ctx=4) for _ in range(5)]
     mb = pack_masks(masks, N)
-    assert torch.equal(mb["ctx_idx"], torch.cat([c + b * N for b, (c, _) in enumerate(masks)]))
-    assert torch.equal(mb["tgt_idx"], torch.cat([t + b * N for b, (_, ts) in enumerate(masks) for t in ts]))
-    table = torch.cat([mb["ctx_idx"], mb["tgt_idx"]])  # what each predictor row refers to
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), mb["pred_len"].cumsum(0)])
+    assert torch.equal(mb.ctx_idx, torch.cat([c + b * N for b, (c, _) in enumerate(masks)]))
+    assert torch.equal(mb.tgt_idx, torch.cat([t + b * N for b, (_, ts) in enumerate(masks) for t in ts]))
+    table = torch.cat([mb.ctx_idx, mb.tgt_idx])  # what each predictor row refers to
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), mb.pred_len.cumsum(0)])
     s = 0
     for b, (c, ts) in enumerate(masks):
         for t in ts:  # sequence s = [context of b ; targets of block (b, j)], and pred_out points at the targets
-            seq = table[mb["pred_idx"][cu[s]:cu[s + 1]]]
+            seq = table[mb.pred_idx[cu[s]:cu[s + 1]]]
             assert torch.equal(seq, torch.cat([c, t]) + b * N)
             s += 1
-    assert torch.equal(table[mb["pred_idx"][mb["pred_out"]]], mb["tgt_idx"])
+    assert torch.equal(table[mb.pred_idx[mb.pred_out]], mb.tgt_idx)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model: equivalences.
 
-def tiny_models(seed=0, width=64, heads=2):
+def tiny_models(seed=0, width=64, heads=2, grid=(6, 6)):
     torch.manual_seed(seed)
-    return ViT(16, width, 2, heads), Predictor(width, 32, 2, heads)
+    return ViT(16, width, 2, heads), Predictor(width, 32, 2, heads, grid)
 
 
 def jepa_forward(enc, pred, imgs, masks, grid, device="cpu"):
-    mb = radjepa.batch_to(pack_masks(masks, grid[0] * grid[1]), device)
+    mb = pack_masks(masks, grid[0] * grid[1]).to(device)
     with torch.no_grad():  # the target branch carries no gradient, as in training
         h = enc(imgs)
-    z = pred(enc(imgs, mb["ctx_idx"], mb["ctx_seqs"]), mb, grid)
-    return z, radjepa.OPS["loss"](z, h, mb["tgt_idx"]), len(mb["tgt_idx"])
+    z = pred(enc(imgs, mb.ctx_idx, mb.ctx_seqs), mb)
+    return z, radjepa.OPS["loss"](z, h, mb.tgt_idx), len(mb.tgt_idx)
 
 
 def test_packed_batch_equals_one_image_at_a_time():
@@ -143,16 +144,16 @@ def test_predictor_last_block_on_target_rows_equals_the_full_block():
     enc, pred = tiny_models(seed=1)
     grid, gen = (6, 6), torch.Generator().manual_seed(4)
     imgs = torch.rand(3, 1, 96, 96)
-    mb = radjepa.batch_to(pack_masks([sample_masks(gen, grid, 4, min_ctx=4) for _ in range(3)], 36), "cpu")
-    ctx = enc(imgs, mb["ctx_idx"], mb["ctx_seqs"])
-    fast = pred(ctx, mb, grid)
+    mb = pack_masks([sample_masks(gen, grid, 4, min_ctx=4) for _ in range(3)], 36).to("cpu")
+    ctx = enc(imgs, mb.ctx_idx, mb.ctx_seqs)
+    fast = pred(ctx, mb)
     g_fast = torch.autograd.grad(fast.square().sum(), list(pred.parameters()))
-    N, pos = 36, pred.pos if pred.pos is not None else radjepa.sincos_pos_embed(*grid, pred.width)
-    h = torch.cat([pred.embed(ctx) + pos[mb["ctx_idx"] % N], pred.mask_token + pos[mb["tgt_idx"] % N]])
-    h = h[mb["pred_idx"]]
+    N, pos = 36, radjepa.sincos_pos_embed(*grid, pred.width)
+    h = torch.cat([pred.embed(ctx) + pos[mb.ctx_idx % N], pred.mask_token + pos[mb.tgt_idx % N]])
+    h = h[mb.pred_idx]
     for blk in pred.blocks:  # every row through every block, the plain way
-        h = blk(h, mb["pred_seqs"])
-    full = pred.proj(pred.norm(h[mb["pred_out"]]))
+        h = blk(h, mb.pred_seqs)
+    full = pred.proj(pred.norm(h[mb.pred_out]))
     g_full = torch.autograd.grad(full.square().sum(), list(pred.parameters()))
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
     for a, b in zip(g_fast, g_full):
@@ -297,7 +298,7 @@ def test_cli_forms_and_presets():
 def test_help_explains_every_flag():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "radjepa.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for f in radjepa.fields(radjepa.Config):
+    for f in dataclasses.fields(radjepa.Config):
         assert "--" + f.name.replace("_", "-") in out.stdout
 
 
@@ -468,7 +469,7 @@ def test_triton_path_matches_torch_path_end_to_end():
         pytest.skip(why)
     # on a GPU machine the compiled kernels run on CUDA tensors (fp32: exact "ieee" dots); else the CPU interpreter
     dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
-    enc, pred = (m.to(dev) for m in tiny_models(width=64, heads=2))  # head dim 32 in the encoder; predictor 16
+    enc, pred = (m.to(dev) for m in tiny_models(width=64, heads=2, grid=(4, 4)))  # head dim 32 in the encoder; predictor 16
     grid, gen = (4, 4), torch.Generator().manual_seed(5)
     imgs = torch.rand(2, 1, 64, 64).to(dev)
     masks = [sample_masks(gen, grid, 4, min_ctx=4) for _ in range(2)]

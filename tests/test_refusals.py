@@ -95,34 +95,35 @@ def test_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(tm
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.write("4242\n"), holder.flush()
         msg = refused(["--data", data, "--out", out, "--steps", "1"] + TINY)
-    assert msg == f"error: --out {out} is in use by another run (pid 4242); wait for it to finish or use another --out"
+    assert msg == f"error: --out {out} is in use by another process (pid 4242); wait for it or stop it"
     assert not (out / "ckpt.pt").exists() and not (out / "log.jsonl").exists()
     # the holder died (kill -9 leaves its lock file and a half-written temp checkpoint): the next run takes over
-    (out / "ckpt.pt.tmp.999999").write_bytes(b"half a checkpoint")
+    (out / ".ckpt.pt.tmp999999").write_bytes(b"half a checkpoint")
     radjepa.main([str(a) for a in ["--data", data, "--out", out, "--steps", "1"] + TINY])
-    assert (out / "ckpt.pt").exists() and not (out / "ckpt.pt.tmp.999999").exists()
+    assert (out / "ckpt.pt").exists() and not (out / ".ckpt.pt.tmp999999").exists()
     assert (out / ".lock").read_text().strip() == str(os.getpid())
 
 
 def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     msg = refused(["--data", images(tmp_path / "d", n=1), "--out", tmp_path / "f"] + TINY)
-    assert msg == f"error: --out {tmp_path / 'f'} is not a writable folder (File exists)"
+    assert msg == f"error: --out {tmp_path / 'f'} is not a writable folder (file exists)"
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     data, out = images(tmp_path / "d", n=4), tmp_path / "o"
     radjepa.main([str(a) for a in ["--data", data, "--out", out, "--steps", "2"] + TINY])
-    before, real = (out / "ckpt.pt").read_bytes(), radjepa.claim_out
+    before, real = (out / "ckpt.pt").read_bytes(), radjepa.plumbing.claim_out
+    tmp = out / f".ckpt.pt.tmp{os.getpid()}"
 
     def claim_then_fill_disk(o):
         lock = real(o)                                                    # after its start-up clean-up:
-        os.symlink("/dev/full", out / f"ckpt.pt.tmp.{os.getpid()}")     # every write of our temp file is ENOSPC
+        os.symlink("/dev/full", tmp)                                      # every write of our temp file is ENOSPC
         return lock
-    monkeypatch.setattr(radjepa, "claim_out", claim_then_fill_disk)
+    monkeypatch.setattr(radjepa.plumbing, "claim_out", claim_then_fill_disk)
     msg = refused(["--data", data, "--out", out, "--steps", "4", "--resume"] + TINY)
-    assert msg == f"error: cannot write {out / 'ckpt.pt'}: No space left on device; the previous checkpoint is kept"
-    assert (out / "ckpt.pt").read_bytes() == before and not os.path.lexists(out / f"ckpt.pt.tmp.{os.getpid()}")
+    assert msg == f"error: cannot write {out / 'ckpt.pt'}: no space left on device; the previous checkpoint is kept"
+    assert (out / "ckpt.pt").read_bytes() == before and not os.path.lexists(tmp)
 
 
 def test_unreadable_data_never_reports_success(tmp_path):
@@ -159,26 +160,28 @@ def test_symlink_loops_visit_each_real_folder_and_file_once(tmp_path):
 
 
 @pytest.mark.parametrize("row, why", [
-    ("../escape.png,p9,train", "image path is empty or leaves the folder ('../escape.png', split 'train')"),
-    ("/etc/abs.png,p9,train", "image path is empty or leaves the folder ('/etc/abs.png', split 'train')"),
-    ("images/im1.png,p1,train", "repeats an earlier row ('images/im1.png', split 'train')"),
-    ("images/im5.png,p5", "split must be train, val or test ('images/im5.png', split None)"),
-    ("images/im5.png,p5,", "split must be train, val or test ('images/im5.png', split '')"),
+    ("../escape.png,p9,train", "image path '../escape.png' is empty or leaves the prepared folder"),
+    ("/etc/abs.png,p9,train", "image path '/etc/abs.png' is empty or leaves the prepared folder"),
+    ("./images/im1.png,p1,train", "image './images/im1.png' repeats line 3 (it would count twice)"),
+    ("images/im5.png,p5", "the row has 2 cells, the header has 3: ['images/im5.png', 'p5']"),
+    ("images/im5.png,p5,", "split must be one of train, val, test, got '' for 'images/im5.png'"),
 ])
 def test_labels_csv_rows_that_would_mislead_the_trainer(tmp_path, row, why):
+    """The trainer, eval.py and data_prep.py read labels.csv through one reader (plumbing.read_labels): the
+    same refusal, in the trainer's one-line form, before any work."""
     images(tmp_path / "images", n=6)
     rows = ["image,patient,split"] + [f"images/im{i}.png,p{i},train" for i in range(3)] + [row]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(SystemExit) as e:
-        radjepa.list_images(str(tmp_path))
-    assert str(e.value) == f"error: {tmp_path / 'labels.csv'} line 5: {why}"
+    msg = refused(["--data", tmp_path, "--out", tmp_path / "o"] + TINY)
+    assert msg == f"error: {tmp_path / 'labels.csv'} line 5: {why}"
+    assert not (tmp_path / "o").exists()
 
 
 def test_labels_csv_that_is_not_utf8_names_the_line(tmp_path):
     (tmp_path / "labels.csv").write_bytes(b"image,patient,split\nimages/a.png,p1,train\nimages/\xe9.png,p2,train\n")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         radjepa.list_images(str(tmp_path))
-    assert str(e.value) == f"error: {tmp_path / 'labels.csv'} line 3: not UTF-8 text"
+    assert str(e.value) == f"{tmp_path / 'labels.csv'} line 3: not UTF-8 text (byte 0xe9)"
 
 
 def test_resume_refuses_another_architecture_before_loading(trained, tmp_path):
@@ -216,7 +219,7 @@ def test_corrupt_or_nan_checkpoint_on_resume_is_one_line(trained, tmp_path):
                   f"(norm.weight)"
     (out / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
     assert refused(["--data", data, "--out", out, "--resume"]).startswith(
-        f"error: {out / 'ckpt.pt'} is not a RadJEPA checkpoint: cannot be loaded")
+        f"error: --resume: {out / 'ckpt.pt'} is not a RadJEPA checkpoint: cannot be loaded")
 
 
 def test_checkpoint_config_problems_in_load_encoder(trained, tmp_path, capsys):
@@ -332,7 +335,7 @@ def test_eval_non_utf8_labels_csv_and_bad_masks(trained, prepared, tmp_path, cap
     (data / "masks" / "heart" / "p00000_0.png").write_bytes(b"\x89PNG broken")
     err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", data, "--task", "seg", "--out", tmp_path / "o",
                         "--seg-img-size", "32"], capsys)
-    assert err.startswith(f"error: {data / 'masks' / 'heart' / 'p00000_0.png'}: unreadable mask")
+    assert err.startswith(f"error: {data / 'masks' / 'heart' / 'p00000_0.png'}: not a readable image")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -351,10 +354,23 @@ def test_eval_flags_are_checked_before_any_work(trained, tmp_path, capsys, flags
 def test_eval_out_that_is_a_file_and_nan_checkpoint(trained, prepared, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", prepared, "--out", tmp_path / "f"], capsys)
-    assert err == f"error: --out {tmp_path / 'f'} is not writable: it is a file, not a folder"
+    assert err == f"error: --out {tmp_path / 'f'} is not a writable folder (file exists)"
+    err = eval_refused(["--ckpt", trained[1] / "ckpt.pt", "--data", prepared, "--out", tmp_path / "f" / "o"], capsys)
+    assert err == f"error: --out {tmp_path / 'f' / 'o'} is not a writable folder (not a directory)"
     _, out = bad_checkpoint(trained, tmp_path, lambda ck: ck["target_encoder"]["norm.weight"].fill_(float("nan")))
     err = eval_refused(["--ckpt", out / "ckpt.pt", "--data", prepared, "--out", tmp_path / "o"], capsys)
     assert err == f"error: {out / 'ckpt.pt'} is not a good checkpoint: target_encoder has NaN/Inf weights (norm.weight)"
+
+
+def test_eval_checkpoint_with_a_wrongly_typed_config_or_random_bytes(trained, prepared, tmp_path, capsys):
+    """Issue 22: `lr: "abc"` in a checkpoint's config was a traceback in eval; random bytes were three lines of
+    torch text. Both are one line naming the file."""
+    _, out = bad_checkpoint(trained, tmp_path, lambda ck: ck["config"].update(lr="abc"))
+    err = eval_refused(["--ckpt", out / "ckpt.pt", "--data", prepared, "--out", tmp_path / "o"], capsys)
+    assert err.startswith(f"error: {out / 'ckpt.pt'}: ") and "lr = 'abc' is not a float" in err, err
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    err = eval_refused(["--ckpt", tmp_path / "noise.pt", "--data", prepared, "--out", tmp_path / "o"], capsys)
+    assert err.startswith(f"error: {tmp_path / 'noise.pt'} is not a RadJEPA checkpoint: cannot be loaded ("), err
 
 
 def test_eval_feature_cache_is_keyed_by_content_not_mtime(trained, prepared, tmp_path, capsys):
@@ -459,7 +475,8 @@ def test_prep_non_utf8_csv_and_bad_n(tmp_path):
     (tmp_path / "nih" / "Data_Entry_2017.csv").write_bytes(b"Image Index,Finding Labels,Patient ID\n"
                                                            b"a.png,No Finding,1\nb.png,Hernia\xe9,2\n")
     msg = prep_refused(["nih", tmp_path / "nih", tmp_path / "o", "--size", "32", "--workers", "1"])
-    assert msg == f"data_prep: error: {tmp_path / 'nih' / 'Data_Entry_2017.csv'} line 3: not UTF-8 text"
+    assert msg == f"data_prep: error: {tmp_path / 'nih' / 'Data_Entry_2017.csv'} line 3: not UTF-8 text " \
+                  f"(byte 0xe9)"
     assert prep_refused(["synthetic", tmp_path / "s", "--n", "0"]) == "data_prep: error: --n must be >= 1 (got 0)"
 
 
@@ -473,7 +490,7 @@ def test_out_inside_the_data_is_never_read_as_data(tmp_path):
     images(tmp_path / "nih" / "prep" / "images", n=2)                      # a prepared folder with the same names
     found = dp.index_files(tmp_path / "nih", {".png"}, tmp_path / "nih" / "prep")
     assert sorted(Path(p).parent for p in found.values()) == [tmp_path / "nih" / "images"] * 2
-    with pytest.raises(SystemExit, match="is the --data folder: its pictures would become training images"):
+    with pytest.raises(ValueError, match="is the --data folder: its pictures would become training images"):
         radjepa.list_images(str(data), str(data))
     msg = prep_refused(["folder", data, data, "--size", "32", "--workers", "1"])
     assert msg == f"data_prep: error: {data} holds SRC {data}: a rerun would read its own output as source images"
@@ -530,3 +547,60 @@ def test_torchrun_process_whose_share_is_unreadable_stays_in_step(tmp_path):
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["encoder"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- issue 22: one validator
+def test_one_checkpoint_validator_for_export_resume_and_eval(trained, tmp_path):
+    """`radjepa.py export` once wrote a timm model from a NaN checkpoint and exited 0 (eval and --resume refused
+    it); a negative step, a missing rng key (no longer written: resume is exact without it) and a wrongly typed
+    config value are each one line wherever the checkpoint is read."""
+    data, run = trained
+    _, nan = bad_checkpoint(trained, tmp_path / "nan", lambda ck: ck["target_encoder"]["norm.weight"].fill_(float("nan")))
+    with pytest.raises(SystemExit) as e:
+        radjepa.export_main([str(nan / "ckpt.pt"), str(tmp_path / "timm")])
+    assert str(e.value) == f"error: {nan / 'ckpt.pt'} is not a good checkpoint: target_encoder has NaN/Inf " \
+                           f"weights (norm.weight)"
+    assert not (tmp_path / "timm").exists()
+    _, neg = bad_checkpoint(trained, tmp_path / "neg", lambda ck: ck.update(step=-1))
+    assert refused(["--data", data, "--out", neg, "--resume", "--steps", "4"]) == \
+        f"error: --resume: {neg / 'ckpt.pt'}: its step -1 is not an integer >= 0"
+    _, typed = bad_checkpoint(trained, tmp_path / "typed", lambda ck: ck["config"].update(lr="abc"))
+    with pytest.raises(ValueError, match=r"^its config: lr = 'abc' is not a float$"):
+        radjepa.load_encoder(str(typed / "ckpt.pt"))
+    _, no_rng = bad_checkpoint(trained, tmp_path / "norng", lambda ck: ck.pop("rng", None))
+    radjepa.main([str(a) for a in ["--data", data, "--out", no_rng, "--resume", "--steps", "3"] + TINY])
+    assert torch.load(no_rng / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_a_finished_run_is_never_silently_restarted(tmp_path):
+    """Re-running a training command without --resume (the quick start invites it) once appended a second run to
+    log.jsonl, rewrote config.json and would overwrite ckpt.pt: refused in one line naming the step and the two ways
+    on; --restart starts over on purpose, and its log holds one run."""
+    data, out = images(tmp_path / "d", n=4), tmp_path / "o"
+    argv = [str(a) for a in ["--data", data, "--out", out, "--steps", "2"] + TINY]
+    radjepa.main(argv)
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "config.json")}
+    assert refused(argv) == f"error: --out {out} already holds a run (at step 2): add --resume to continue it, " \
+                            f"or --restart to start over (its files are replaced)"
+    assert {f: (out / f).read_bytes() for f in before} == before
+    radjepa.main(argv + ["--restart"])
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["type"] for r in recs] == ["header", "train", "train"]
+
+
+def test_resumed_log_reads_like_an_uninterrupted_one(tmp_path):
+    """Records written after the checkpoint a run resumes from are redone, so they are dropped: the resumed log has
+    the same steps and losses as the straight run's (a header per start)."""
+    data = images(tmp_path / "d", n=8)
+    common = [str(a) for a in ["--data", data, "--steps", "6", "--ckpt-every", "2"] + TINY]
+    radjepa.main(common + ["--out", str(tmp_path / "straight")])
+    radjepa.main(common + ["--out", str(tmp_path / "split2"), "--stop-at", "2"])
+    radjepa.main(common + ["--out", str(tmp_path / "split2"), "--resume", "--stop-at", "4"])
+    with open(tmp_path / "split2" / "log.jsonl", "a") as f:  # a record of step 5 that no checkpoint holds
+        f.write(json.dumps({"type": "train", "step": 5, "loss": 9.9}) + "\n")
+    radjepa.main(common + ["--out", str(tmp_path / "split2"), "--resume"])
+
+    def losses(run):
+        return [(r["step"], round(r["loss"], 6)) for r in map(json.loads, open(tmp_path / run / "log.jsonl"))
+                if r.get("type") == "train"]
+    assert losses("split2") == losses("straight")

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data_prep as dp  # noqa: E402
 import eval as E  # noqa: E402
+import report_gen as R  # noqa: E402
 
 S = 32
 
@@ -50,35 +51,35 @@ def test_bleu_hand_values():
     hyp, ref = "the cat sat on the mat".split(), "the cat is on the mat".split()
     # clipped 1-gram matches: the x2, cat, on, mat = 5 of 6; 2-grams: the cat, on the, the mat = 3 of 5;
     # 3-grams: on the mat = 1 of 4; 4-grams: none of 3. Same length -> brevity penalty 1.
-    assert E.bleu_stats(hyp, ref) == [5, 3, 1, 0, 6, 5, 4, 3, 6, 6]
-    assert E.corpus_bleu([hyp], [ref], 1) == pytest.approx(5 / 6)
-    assert E.corpus_bleu([hyp], [ref], 2) == pytest.approx(math.sqrt(5 / 6 * 3 / 5))
-    assert E.corpus_bleu([hyp], [ref], 3) == pytest.approx(0.5)           # (5/6 * 3/5 * 1/4)^(1/3) = 1/8^(1/3)
-    assert E.corpus_bleu([hyp], [ref], 4) == 0.0                            # no 4-gram match, no smoothing
+    assert R.bleu_stats(hyp, ref) == [5, 3, 1, 0, 6, 5, 4, 3, 6, 6]
+    assert R.corpus_bleu([hyp], [ref], 1) == pytest.approx(5 / 6)
+    assert R.corpus_bleu([hyp], [ref], 2) == pytest.approx(math.sqrt(5 / 6 * 3 / 5))
+    assert R.corpus_bleu([hyp], [ref], 3) == pytest.approx(0.5)           # (5/6 * 3/5 * 1/4)^(1/3) = 1/8^(1/3)
+    assert R.corpus_bleu([hyp], [ref], 4) == 0.0                            # no 4-gram match, no smoothing
     # brevity penalty: 2 words against 6 -> exp(1 - 6/2); the precisions are 1
-    assert E.corpus_bleu([["the", "cat"]], [ref], 2) == pytest.approx(math.exp(-2))
+    assert R.corpus_bleu([["the", "cat"]], [ref], 2) == pytest.approx(math.exp(-2))
     # clipping: "the" x4 against one "the" -> 1/4
-    assert E.corpus_bleu([["the"] * 4], [["the", "cat"]], 1) == pytest.approx(0.25)
+    assert R.corpus_bleu([["the"] * 4], [["the", "cat"]], 1) == pytest.approx(0.25)
     # corpus-level: counts are pooled before the geometric mean (sentence B alone would score 0)
     a, b = list("abcd"), (["x", "y"], ["z", "w"])
-    assert E.corpus_bleu([a, b[0]], [a, b[1]], 4) == pytest.approx((4 / 6 * 3 / 4 * 1 * 1) ** 0.25)
-    assert E.corpus_bleu([[]], [ref]) == 0.0
+    assert R.corpus_bleu([a, b[0]], [a, b[1]], 4) == pytest.approx((4 / 6 * 3 / 4 * 1 * 1) ** 0.25)
+    assert R.corpus_bleu([[]], [ref]) == 0.0
 
 
 def test_rouge_l_and_clinical_efficacy_hand_values():
-    assert E.rouge_l(list("abcd"), list("aced")) == pytest.approx(0.75)    # LCS a c d = 3: P = R = 3/4
-    assert E.rouge_l(list("ab"), list("abcd")) == pytest.approx(2 * 2 / 6)  # P = 1, R = 1/2 -> F = 2/3
-    assert E.rouge_l([], list("ab")) == 0.0 and E.rouge_l(list("x"), list("ab")) == 0.0
-    assert E.rouge_l(list("abab"), list("baba")) == pytest.approx(0.75)    # LCS 3 (aba or bab)
+    assert R.rouge_l(list("abcd"), list("aced")) == pytest.approx(0.75)    # LCS a c d = 3: P = R = 3/4
+    assert R.rouge_l(list("ab"), list("abcd")) == pytest.approx(2 * 2 / 6)  # P = 1, R = 1/2 -> F = 2/3
+    assert R.rouge_l([], list("ab")) == 0.0 and R.rouge_l(list("x"), list("ab")) == 0.0
+    assert R.rouge_l(list("abab"), list("baba")) == pytest.approx(0.75)    # LCS 3 (aba or bab)
     ref = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 0]], bool)
     pred = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0], [0, 0, 0]], bool)
-    ce = E.clinical_efficacy(pred, ref)
+    ce = R.clinical_efficacy(pred, ref)
     # label 0: tp 1 fn 1; label 1: tp 1 fn 1; label 2: fp 1, no positive reference (left out of macro)
     assert ce["ce_p_micro"] == pytest.approx(2 / 3) and ce["ce_r_micro"] == pytest.approx(2 / 4)
     assert ce["ce_f1_micro"] == pytest.approx(4 / (4 + 1 + 2))
     assert ce["ce_p_macro"] == pytest.approx(1.0) and ce["ce_r_macro"] == pytest.approx(0.5)
     assert ce["ce_f1_macro"] == pytest.approx(2 / 3)
-    assert E.clinical_efficacy(pred[:, 2:], ref[:, 2:])["ce_f1_macro"] is None   # no positive reference at all
+    assert R.clinical_efficacy(pred[:, 2:], ref[:, 2:])["ce_f1_macro"] is None   # no positive reference at all
 
 
 def test_metrics_match_reference_packages_when_installed():
@@ -100,11 +101,11 @@ def test_metrics_match_reference_packages_when_installed():
     if sacrebleu is not None:
         sb = sacrebleu.corpus_bleu([" ".join(h) for h in hyps], [[" ".join(r) for r in refs]], tokenize="none",
                                    smooth_method="none", force=True)
-        assert E.corpus_bleu(hyps, refs) == pytest.approx(sb.score / 100, abs=1e-9)
+        assert R.corpus_bleu(hyps, refs) == pytest.approx(sb.score / 100, abs=1e-9)
     if rouge_scorer is not None:
         sc = rouge_scorer.RougeScorer(["rougeL"])
         for h, r in zip(hyps, refs):
-            assert E.rouge_l(h, r) == pytest.approx(sc.score(" ".join(r), " ".join(h))["rougeL"].fmeasure)
+            assert R.rouge_l(h, r) == pytest.approx(sc.score(" ".join(r), " ".join(h))["rougeL"].fmeasure)
 
 
 @pytest.mark.parametrize("text,positive", [
@@ -124,8 +125,8 @@ def test_metrics_match_reference_packages_when_installed():
     ("No acute cardiopulmonary process.", set()),
 ])
 def test_labeler_negation_rules(text, positive):
-    got = E.label_report(text)
-    assert set(got) == set(E.LABELER_FINDINGS)
+    got = R.label_report(text)
+    assert set(got) == set(R.LABELER_FINDINGS)
     assert {k for k, v in got.items() if v} == positive
 
 
@@ -137,12 +138,12 @@ def test_phantom_reports_are_faithful_deterministic_and_varied():
     assert [t["report"] for t in tasks] != [t["report"] for t in dp.synthetic_tasks(600, 4)]
     for t in tasks:                          # the labeler recovers every phantom's labels from its own report exactly
         for text in (t["report"]["findings"], t["report"]["findings"] + " " + t["report"]["impression"]):
-            got = E.label_report(text)
+            got = R.label_report(text)
             assert {k: str(got[k]) for k in dp.SYNTH_LABELS} == t["labels"], text
             assert not any(v for k, v in got.items() if k not in dp.SYNTH_LABELS), text
         f, a, text = t["phantom"]["findings"], t["phantom"]["anatomy"], t["report"]["findings"]
         said = {k: s for s in text.split(". ") for k in ("Nodule", "Consolidation", "Effusion", "Pneumothorax")
-                if E.label_report(s)[k]}                   # the sentence that reports each present finding
+                if R.label_report(s)[k]}                   # the sentence that reports each present finding
         for name in ("Nodule", "Consolidation"):           # side and zone follow the rendered position
             if f.get(name):
                 x, y = f[name]["x"], f[name]["y"]
@@ -324,40 +325,40 @@ def test_chexpert_plus_reports(tmp_path):
 def test_cached_beam_decoding_equals_full_recomputation():
     """beam 1 with the key/value cache == argmax decoding that re-runs the whole sequence every step."""
     torch.manual_seed(0)
-    model = E.ReportDecoder(12, 3, 20, width=32, layers=2, max_len=9, dropout=0.0).eval()
+    model = R.ReportDecoder(12, 3, 20, width=32, layers=2, max_len=9, dropout=0.0).eval()
     prefix = torch.randn(5, 3, 12)
-    got = E.beam_search(model, prefix, 5, 1, 9, torch.device("cpu"))
+    got = R.beam_search(model, prefix, 5, 1, 9, torch.device("cpu"))
     for i in range(5):
-        words = [E.BOS]
+        words = [R.BOS]
         with torch.no_grad():
             while len(words) <= 9:
                 nxt = int(model(prefix[i:i + 1], torch.tensor([words]))[0, -1].argmax())
-                if nxt == E.EOS:
+                if nxt == R.EOS:
                     break
                 words.append(nxt)
         assert got[i] == words[1:]
-    assert all(len(s) <= 9 for s in E.beam_search(model, prefix, 5, 3, 9, torch.device("cpu")))   # length cap
-    assert all(len(s) <= 4 for s in E.beam_search(model, prefix, 5, 3, 4, torch.device("cpu")))
+    assert all(len(s) <= 9 for s in R.beam_search(model, prefix, 5, 3, 9, torch.device("cpu")))   # length cap
+    assert all(len(s) <= 4 for s in R.beam_search(model, prefix, 5, 3, 4, torch.device("cpu")))
 
 
 def test_decoder_overfits_eight_reports_exactly():
     texts = [t["report"]["findings"] for t in dp.synthetic_tasks(8, 1)]
     assert len(set(texts)) == 8
-    words = sorted({w for t in texts for w in E.tokenize(t)})
-    vocab = {w: i for i, w in enumerate(E.REPORT_SPECIALS + words)}
-    ids = E.encode_reports(texts, vocab, 60)
+    words = sorted({w for t in texts for w in R.tokenize(t)})
+    vocab = {w: i for i, w in enumerate(R.REPORT_SPECIALS + words)}
+    ids = R.encode_reports(texts, vocab, 60)
     torch.manual_seed(0)
     prefix = torch.randn(8, 4, 16)
-    model = E.ReportDecoder(16, 4, len(vocab), width=32, layers=2, max_len=60, dropout=0.0)
+    model = R.ReportDecoder(16, 4, len(vocab), width=32, layers=2, max_len=60, dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(80):                                   # exact from ~30 steps on (measured); 80 for margin
         loss = torch.nn.functional.cross_entropy(model(prefix, ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(),
-                                                 ignore_index=E.PAD)
+                                                 ignore_index=R.PAD)
         opt.zero_grad(); loss.backward(); opt.step()
     inv = {i: w for w, i in vocab.items()}
     for beam in (1, 3):
-        out = E.beam_search(model, prefix, 8, beam, 60, torch.device("cpu"))
-        assert [[inv[j] for j in s] for s in out] == [E.tokenize(t) for t in texts]
+        out = R.beam_search(model, prefix, 8, beam, 60, torch.device("cpu"))
+        assert [[inv[j] for j in s] for s in out] == [R.tokenize(t) for t in texts]
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -388,7 +389,7 @@ def test_eval_task_report_end_to_end(tiny):
     systems = {f"{e}/{d}" for e in ("jepa", "random", "pixels", "none") for d in ("greedy", "beam3")}
     assert set(r["systems"]) == systems | {"retrieval-jepa", "retrieval-random", "retrieval-pixels"}
     for s in r["systems"].values():
-        for k in E.REPORT_METRICS:
+        for k in R.REPORT_METRICS:
             assert s[k] is None or 0.0 <= s[k] <= 1.0
     assert set(r["vs"]["jepa/beam3"]) == {"random/beam3", "pixels/beam3", "none/beam3", "retrieval-jepa"}
     assert set(r["vs"]["retrieval-jepa"]) == {"retrieval-random", "retrieval-pixels"}
@@ -414,3 +415,53 @@ def test_eval_task_all_includes_report_and_missing_reports_is_one_line_error(tin
     assert E.main(["--ckpt", str(ckpt), "--data", str(bare), "--out", str(tmp_path / "o"), "--task", "report"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reports.csv" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------------- reports.csv
+
+def _copy(data, dst, edit):
+    """A copy of the prepared folder whose reports.csv passes through edit(bytes) -> bytes."""
+    import shutil
+    shutil.copytree(data, dst)
+    (dst / "reports.csv").write_bytes(edit((dst / "reports.csv").read_bytes()))
+    return dst
+
+
+def test_reports_csv_paths_are_normalised_and_long_fields_work(tiny, tmp_path):
+    """Issue 22: `./images/x.png` in reports.csv and `images/x.png` in labels.csv are one image (rows written
+    differently were dropped silently); a 390 KB report field is read (it was a csv field-limit traceback)."""
+    data = tiny[0]
+    base = E.report_texts(E.read_prepared(str(data), "report"), "findings")
+    assert sum(map(bool, base)) > 20
+    long = "no effusion. " * 30000                                           # 390,000 characters
+    def edit(raw):
+        lines = raw.decode().splitlines(keepends=True)
+        out = [lines[0]] + ["./" + ln if i % 2 else ln.replace("images/", "images//", 1)
+                            for i, ln in enumerate(lines[1:])]
+        first = next(csv.reader([out[1]]))
+        out[1] = f'{first[0]},"{long}",{first[2]}\n'
+        return "".join(out).encode()
+    d = E.read_prepared(str(_copy(data, tmp_path / "d", edit)), "report")
+    got = E.report_texts(d, "findings")
+    assert [bool(t) for t in got] == [bool(t) for t in base]                 # every row found its image
+    assert max(map(len, got)) >= len(long.strip())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: raw.replace(b"image,findings,impression", b"image,finding,impression", 1),
+     "reports.csv: header must start with image,findings,impression (got image,finding,impression)"),
+    (lambda raw: raw[:raw.index(b"\n", 200)] + b"\xff" + raw[raw.index(b"\n", 200):], "not UTF-8 text (byte 0xff)"),
+])
+def test_bad_reports_csv_is_refused_before_any_feature_is_extracted(tiny, tmp_path, capsys, edit, message):
+    """Issue 22: a wrong header (found after feature extraction, as "have 0, 0, 0") and non-UTF-8 bytes (silently
+    replaced) are one-line errors naming the file (and the line), before any work."""
+    data, ckpt, _ = tiny
+    d = _copy(data, tmp_path / "d", edit)
+    capsys.readouterr()
+    assert E.main(["--ckpt", str(ckpt), "--data", str(d), "--out", str(tmp_path / "o"), "--task", "report"]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.count("\n") == 1 and cap.err.startswith(f"error: {d / 'reports.csv'}") and message in cap.err
+    if "UTF-8" in message:
+        line = (d / "reports.csv").read_bytes()[:(d / "reports.csv").read_bytes().index(b"\xff")].count(b"\n") + 1
+        assert f"reports.csv line {line}: not UTF-8" in cap.err
+    assert "features" not in cap.out and not (tmp_path / "o" / "cache").exists()

@@ -1,6 +1,6 @@
-"""kernels/train_bench.py (end-to-end training benchmark), kernels/official_ijepa.py and kernels/gpu_check.py on CPU:
-the FLOP formula against torch's FLOP counter, official-style truncation, the CLI in smoke mode failing soft, and the
-GPU check's plumbing. CPU only; the timings of these runs mean nothing."""
+"""bench/train_bench.py (end-to-end training benchmark), bench/official_ijepa.py and bench/gpu_check.py on
+CPU: the FLOP formula against torch's FLOP counter, official-style truncation, the CLI in smoke mode failing
+soft, the GPU check's plumbing and its --out checks. CPU only; the timings of these runs mean nothing."""
 import json
 import os
 import subprocess
@@ -11,8 +11,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import radjepa
-from kernels import official_ijepa
-from kernels.train_bench import CONFIGS, RadjepaStepper, step_flops, truncate_masks
+from bench import official_ijepa
+from bench.train_bench import CONFIGS, RadjepaStepper, step_flops, truncate_masks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,8 +49,9 @@ def test_useful_flops_equal_the_matmul_flops_torch_counts(path):
 
 
 def run_bench(tmp_path, *args, env=None):
-    r = subprocess.run([sys.executable, "-m", "kernels.train_bench", "--out", str(tmp_path)] + list(args), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    r = subprocess.run([sys.executable, "-m", "bench.train_bench", "--out", str(tmp_path)] + list(args),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return json.load(open(tmp_path / "train_bench.json")), (tmp_path / "train_bench.md").read_text()
 
@@ -86,8 +87,8 @@ def test_gpu_check_smoke_writes_one_flat_folder(tmp_path):
     """The GPU check's plumbing on CPU: phantoms, two radjepa runs, the curve comparison and the summary. The
     candidate is the torch path itself here, so the curves must agree exactly."""
     out = tmp_path / "gc"
-    r = subprocess.run([sys.executable, "-m", "kernels.gpu_check", "--smoke", "--out", str(out), "--skip", "kernels",
-                        "train", "--loss-steps", "6", "--candidate", "--kernels torch"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(out), "--skip",
+                        "kernels", "train", "--loss-steps", "6", "--candidate", "--kernels torch"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     files = sorted(os.listdir(out))
@@ -96,3 +97,18 @@ def test_gpu_check_smoke_writes_one_flat_folder(tmp_path):
     assert [lc["runs"][k]["status"] for k in ("torch", "candidate")] == ["ok", "ok"]
     assert len(lc["runs"]["torch"]["losses"]) == 6 and lc["step1_rel_gap"] == 0.0 and lc["mean_rel_gap"] == 0.0
     assert "Loss curves" in (out / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize("module", ["bench.gpu_check", "bench.train_bench", "bench.kernels"])
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_out_on_a_file_or_under_a_file_is_one_line_before_any_work(tmp_path, module, where):
+    """Issue 22: `python -m bench.gpu_check --smoke --out F` with F a file (or F/sub) ended in a traceback."""
+    f = tmp_path / "F"
+    f.write_text("not a folder\n")
+    out = f if where == "file" else f / "sub"
+    r = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"error: --out {out}: cannot make it a folder "
+                                             f"({'file exists' if where == 'file' else 'not a directory'})"]
+    assert f.read_text() == "not a folder\n" and r.stdout == ""  # untouched; nothing ran

@@ -1,20 +1,21 @@
 """
 The GPU check: everything a session with one GPU should run, in ONE call of at most ~9 minutes, into one flat folder.
 
-    python3 -m kernels.gpu_check --out "$OUT"            # on the GPU machine (H200); ~8 minutes
-    python -m kernels.gpu_check --smoke --out /tmp/gc    # CPU: tiny sizes, Triton interpreter; proves the plumbing
+    python3 -m bench.gpu_check --out "$OUT"           # on the GPU machine (H200); ~8 minutes
+    python -m bench.gpu_check --smoke --out /tmp/gc   # CPU: tiny sizes, Triton interpreter; proves the
+                                                      # plumbing
 
 Parts, each in its own process with a timeout, progress printed as it goes (the whole run stops starting new work
 when --budget seconds are spent):
-  1. kernels      `python -m kernels.bench`: the Triton kernels' correctness at I-JEPA lengths and their speed
+  1. kernels      `python -m bench.kernels`: the Triton kernels' correctness at I-JEPA lengths and their speed
                   against FA2 varlen, padded SDPA and truncation            -> kernels_bench.json, kernels_bench.md
   2. loss curves  synthetic phantoms (data_prep.py), then radjepa.py for --loss-steps steps twice from the same seed:
                   --kernels torch, and the candidate path (--kernels triton --compile). Passes when both losses fall
                   (mean of the last 10 logged steps < 0.8 x the first 5) and the candidate's curve follows the torch
                   path's within bf16 noise: step-1 loss within 2%, mean relative gap over all steps <= 5%, last-10
                   means within 5%                                            -> loss_check.json
-  3. end to end   `python -m kernels.train_bench` with the time left: whole training steps, every path, ViT-B/16 at
-                  batch 128 and 256, ViT-B/14, official I-JEPA code (if third_party/ijepa exists)
+  3. end to end   `python -m bench.train_bench` with the time left: whole training steps, every path,
+                  ViT-B/16 at batch 128 and 256, ViT-B/14, official I-JEPA code (if third_party/ijepa exists)
                                                                              -> train_bench.json, train_bench.md
 Also written: gpu_check.md (summary of all parts) and gpu_check.log (everything printed). 7 files, no sub-folders.
 Nothing here aborts on a failed part: a failure is recorded and the next part runs.
@@ -28,6 +29,9 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+
+import plumbing
+from bench import out_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,8 +58,7 @@ class Log:
         text = "\n".join(self.parts)
         if len(text) > self.cap:
             text = text[:self.cap // 4] + "\n[... cut ...]\n" + text[-3 * self.cap // 4:]
-        with open(self.path, "w") as f:
-            f.write(text + "\n")
+        plumbing.write_text(self.path, text + "\n")
 
 
 def run_part(name, cmd, timeout, log, cwd=ROOT, env=None):
@@ -199,7 +202,7 @@ def main(argv=None):
                    help="radjepa.py flags of the path checked against --kernels torch (default '--kernels triton "
                         "--compile'; smoke '--kernels triton')")
     p.add_argument("--train-bench-args", default="",
-                   help="extra arguments for kernels.train_bench (e.g. '--paths torch triton')")
+                   help="extra arguments for bench.train_bench (e.g. '--paths torch triton')")
     p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "loss", "train"], help="parts to leave out")
     args = p.parse_args(argv)
     args.budget = args.budget or (900 if args.smoke else 480)
@@ -209,13 +212,13 @@ def main(argv=None):
         args.train_bench_args = "--paths torch truncate official"  # the interpreted/compiled rows take minutes on CPU
     t0 = time.time()
     deadline = t0 + args.budget
-    os.makedirs(args.out, exist_ok=True)
-    out = os.path.abspath(args.out)
+    out = out_folder(args.out)  # a file, or a path under one: one line, before any work
     log = Log(os.path.join(out, "gpu_check.log"))
     import torch
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        raise SystemExit("error: no CUDA device here; on CPU run `python -m kernels.gpu_check --smoke --out DIR`")
+        raise SystemExit("error: no CUDA device here; on CPU run "
+                         "`python -m bench.gpu_check --smoke --out DIR`")
     py = sys.executable
     os.environ["PYTHONUNBUFFERED"] = "1"
     if not cuda:
@@ -223,7 +226,7 @@ def main(argv=None):
     env = dict(os.environ)
     s = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), out=out,
              machine=torch.cuda.get_device_name() if cuda else "CPU (smoke)", torch=torch.__version__,
-             mode="smoke" if args.smoke else "full", command="python -m kernels.gpu_check " + " ".join(argv),
+             mode="smoke" if args.smoke else "full", command="python -m bench.gpu_check " + " ".join(argv),
              parts={})
     log(f"gpu_check: {s['machine']}, torch {torch.__version__}, budget {args.budget:.0f} s, out {out}")
     if cuda:
@@ -236,26 +239,25 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
     try:
         if "kernels" not in args.skip:
-            cmd = [py, "-m", "kernels.bench", "--out", out] + (["--smoke"] if args.smoke else [])
-            s["parts"]["kernels"] = run_part("kernels (python -m kernels.bench)", cmd,
+            cmd = [py, "-m", "bench.kernels", "--out", out] + (["--smoke"] if args.smoke else [])
+            s["parts"]["kernels"] = run_part("kernels (python -m bench.kernels)", cmd,
                                              min(args.kernels_timeout, deadline - time.time()), log, env=env)
         if "loss" not in args.skip:
             t1 = time.time()
             s["loss_check"] = loss_check(args, log, deadline - (0 if "train" in args.skip else 90), tmp)
             s["parts"]["loss curves"] = dict(status="passed" if s["loss_check"].get("passed") else "failed",
                                              seconds=time.time() - t1)
-            with open(os.path.join(out, "loss_check.json"), "w") as f:
-                json.dump(s["loss_check"], f, indent=2)
+            plumbing.write_json(os.path.join(out, "loss_check.json"), s["loss_check"])
         if "train" not in args.skip:
             left = deadline - time.time() - 10
-            cmd = [py, "-m", "kernels.train_bench", "--out", out, "--budget", f"{max(left - 30, 1):.0f}"]
+            cmd = [py, "-m", "bench.train_bench", "--out", out, "--budget", f"{max(left - 30, 1):.0f}"]
             cmd += (["--smoke"] if args.smoke else []) + args.train_bench_args.split()
-            s["parts"]["end to end"] = run_part("end to end (python -m kernels.train_bench)", cmd, left, log, env=env)
+            s["parts"]["end to end"] = run_part("end to end (python -m bench.train_bench)", cmd, left, log,
+                                                env=env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         s["seconds"] = time.time() - t0
-        with open(os.path.join(out, "gpu_check.md"), "w") as f:
-            f.write(summary_md(s))
+        plumbing.write_text(os.path.join(out, "gpu_check.md"), summary_md(s))
         log(f"\ngpu_check done in {s['seconds']:.0f} s: " + ", ".join(f"{k} {v['status']}"
                                                                       for k, v in s["parts"].items()))
         log(f"files in {out}: {sorted(os.listdir(out))}")
@@ -263,4 +265,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except plumbing.BadInput as e:  # a failed write (a full disk): one line, the file and the OS reason
+        raise SystemExit(f"error: {e}") from None

@@ -1,8 +1,8 @@
 """
 Time the official I-JEPA code's own training step (facebookresearch/ijepa `src/train.py`, run unmodified).
 
-    python -m kernels.official_ijepa --model vit_base --patch 16 --img-size 224 --batch 128 --out row.json
-    python -m kernels.official_ijepa --model vit_tiny --img-size 96 --batch 4 --pred-width 48 --pred-depth 1 \\
+    python -m bench.official_ijepa --model vit_base --patch 16 --img-size 224 --batch 128 --out row.json
+    python -m bench.official_ijepa --model vit_tiny --img-size 96 --batch 4 --pred-width 48 --pred-depth 1 \\
         --min-keep 4 --steps 3 --warmup 1 --out /tmp/row.json                # CPU smoke, a few seconds
 
 The repository is NOT part of this project and is never committed: put a copy in the git-ignored `third_party/ijepa`
@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 import types
+
+import plumbing
 
 DEFAULT_REPO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party", "ijepa")
 
@@ -167,8 +169,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     text = json.dumps(r, indent=2)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+        try:
+            plumbing.write_text(a.out, text + "\n")
+        except plumbing.BadInput as e:  # a folder, a path under a file, a full disk: one line
+            raise SystemExit(f"error: --out: {e}") from None
     print(text)
     return r
 

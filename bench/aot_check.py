@@ -1,10 +1,12 @@
 """
 Compile the attention kernels for an H100/H200 (sm_90) ahead of time, on a machine without a GPU, and report
 registers, spills and shared memory per configuration (Triton's bundled ptxas -v). It proves the GPU code generates
-and how heavy each tile configuration is; it says nothing about speed (that is kernels/bench.py on a GPU).
+and how heavy each tile configuration is; it says nothing about speed (that is `python -m bench.kernels` on a
+GPU).
 
-    python -m kernels.aot_check            # every autotune configuration, bf16 Dh 24/32/64 + fp32 Dh 32 (~3-5 min CPU)
-    python -m kernels.aot_check --quick    # one configuration per kernel (~20 s)
+    python -m bench.aot_check            # every autotune configuration, bf16 Dh 24/32/64 + fp32 Dh 32
+                                         # (~3-5 min CPU)
+    python -m bench.aot_check --quick    # one configuration per kernel (~20 s)
 
 Uses Triton's compiler API (triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))); written against
 triton 3.7.1, where the CPU wheel ships the NVIDIA backend and ptxas. TRITON_INTERPRET must not be set.
@@ -15,6 +17,8 @@ import re
 import subprocess
 import sys
 import tempfile
+
+import plumbing
 
 POINTERS = ("Q", "K", "V", "O", "DO", "DK", "DV")
 
@@ -45,8 +49,7 @@ def compile_report(fn, dtype, consts, num_warps, num_stages):
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(k.asm["ptx"])
+        plumbing.write_text(path, k.asm["ptx"])
         log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull], capture_output=True,
                              text=True, check=True).stderr
     regs, spill = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
@@ -59,7 +62,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one configuration per kernel")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("kernels/aot_check.py: unset TRITON_INTERPRET (the interpreter has no compiler)")
+        raise SystemExit("error: bench/aot_check.py: unset TRITON_INTERPRET (the interpreter has no "
+                         "compiler)")
     import triton
     from kernels import varlen_attention as va
     cases = [("bf16", 64), ("bf16", 32), ("bf16", 24), ("fp32", 32)]

@@ -2,10 +2,10 @@
 End-to-end training benchmark: whole RadJEPA training steps (radjepa.py's own model, masks and `train_step`) on
 random images already on the device, beside an official-style truncation and the official I-JEPA code's own step.
 
-    python -m kernels.train_bench --out tb                # CUDA: ViT-B/16 @224 batch 128 and 256, ViT-B/14 @224
-    python -m kernels.train_bench --smoke --out /tmp/tb   # CPU, tiny model, Triton interpreter: the script runs
-    python -m kernels.train_bench --device cpu --configs vitt16-b16 --paths torch official --interleave 8 --out c
-                                                          # CPU side by side: the rows take turns, step by step
+    python -m bench.train_bench --out tb                # CUDA: ViT-B/16 @224 batch 128 and 256, ViT-B/14 @224
+    python -m bench.train_bench --smoke --out /tmp/tb   # CPU, tiny model, Triton interpreter: the script runs
+    python -m bench.train_bench --device cpu --configs vitt16-b16 --paths torch official --interleave 8 \\
+        --out c                                         # CPU side by side: the rows take turns, step by step
 
 Paths (--paths):
   torch            radjepa.py --kernels torch: packed tokens; attention pads to the longest sequence (SDPA + key mask)
@@ -16,10 +16,12 @@ Paths (--paths):
   triton+compile
   truncate         official-style proxy: every context and every target block cut to the batch minimum, as the
                    official collator does (row-major order: the bottom rows go), then radjepa's torch path (no padding)
-  official         the official I-JEPA repository's own train step (kernels/official_ijepa.py, third_party/ijepa)
-Each radjepa row builds the model as `radjepa.train` does and times `radjepa.train_step` on masks drawn by radjepa's
-own collate (4 batches of masks, cycled), including the per-step `batch_to` (index copies, Seqs). Steps are queued
-asynchronously, as in training: ms/step = one window of --steps steps after --warmup, synchronised at both ends.
+  official         the official I-JEPA repository's own train step (bench/official_ijepa.py,
+                   third_party/ijepa)
+Each radjepa row builds the model as `radjepa.train` does and times `radjepa.train_step` on masks drawn by
+radjepa's own collate (4 batches of masks, cycled), including the per-step `Batch.to` (index copies, Seqs).
+Steps are queued asynchronously, as in training: ms/step = one window of --steps steps after --warmup,
+synchronised at both ends.
 
 Useful FLOPs (the tokens each path actually processes; backward = 2 x forward; LN, GELU, softmax, optimizer and
 patch-embed backward details not counted):
@@ -40,6 +42,7 @@ Fault injection for tests: RADJEPA_BENCH_FAULT=<path>:raise|exit makes that path
 """
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -52,7 +55,9 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-from kernels.bench import H200_BF16_TFLOPS, save_results  # one peak rate, one result writer
+import plumbing
+from bench import out_folder, save_results  # one --out check, one result writer
+from kernels.bench import H200_BF16_TFLOPS  # one peak rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +117,8 @@ class RadjepaStepper:
 
     def __init__(self, cfg, path, device, n_mask_batches=4, seed=0):
         import torch
+
+        import kernels
         import radjepa
         self.torch, self.rj, self.device, self.path = torch, radjepa, device, path
         given = dict(model=cfg["model"], patch=cfg["patch"], img_size=cfg["img_size"], batch_size=cfg["batch"],
@@ -119,12 +126,11 @@ class RadjepaStepper:
                      min_ctx=cfg.get("min_ctx", 10), kernels="triton" if path.startswith("triton") else "torch",
                      precision="fp32" if path.endswith("+fp32") else "auto")
         c = self.c = radjepa.make_config(given)
-        triton = radjepa.resolve_kernels(c.kernels, device, (c.width // c.heads, c.pred_width // c.heads))
+        triton = kernels.resolve_kernels(c.kernels, device, (c.width // c.heads, c.pred_width // c.heads))
         radjepa.use_kernels(triton)
         torch.manual_seed(seed)
-        self.grid = grid = (c.img_size // c.patch,) * 2
         self.encoder = radjepa.build_encoder(c).to(device)
-        self.predictor = radjepa.Predictor(c.width, c.pred_width, c.pred_depth, c.heads, grid).to(device)
+        self.predictor = radjepa.build_predictor(c).to(device)
         self.target = radjepa.build_encoder(c).to(device).requires_grad_(False)
         self.target.load_state_dict(self.encoder.state_dict())
         self.opt = torch.optim.AdamW(radjepa.param_groups(self.encoder, self.predictor), lr=1e-4, betas=(0.9, 0.999),
@@ -134,36 +140,38 @@ class RadjepaStepper:
         if path.endswith("+compile"):
             for m in (self.encoder, self.predictor, self.target):
                 m.compile(dynamic=True)
-        self.precision = radjepa.resolve_precision(c.precision, device, triton)  # as radjepa.train
+        self.precision = kernels.resolve_precision(c.precision, device, triton)  # as radjepa.train
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                          else contextlib.nullcontext())
         self.imgs = torch.rand(c.batch_size, 1, c.img_size, c.img_size, device=device)
         collate = radjepa.Collate(c)
-        self.mbs, self.ctx_drawn = [], []
+        self.batches, self.ctx_drawn = [], []  # radjepa.Batch on the host, imgs None
         for s in range(n_mask_batches):  # the masks of training steps 0..n-1 (collate's own per-sample seeds)
             masks = [collate.masks_for(s * c.batch_size + i) for i in range(c.batch_size)]
             self.ctx_drawn += [len(m[0]) for m in masks]
             if path == "truncate":
                 masks = truncate_masks(masks)
-            mb = radjepa.pack_masks(masks, grid[0] * grid[1])
-            if device.type == "cuda":  # as the DataLoader delivers them (pin_memory=True)
-                mb = {k: v.pin_memory() if "_len" not in k else v for k, v in mb.items()}
-            self.mbs.append(mb)
+            b = radjepa.pack_masks(masks, c.grid[0] * c.grid[1])
+            if device.type == "cuda":  # as the DataLoader delivers them (pin_memory=True); the lengths stay
+                b = dataclasses.replace(b, **{k: getattr(b, k).pin_memory()  # plain: read on the host
+                                              for k in ("ctx_idx", "tgt_idx", "pred_idx", "pred_out")})
+            self.batches.append(b)
         self.i = 0
 
     def step(self):
-        mb = dict(self.mbs[self.i % len(self.mbs)], imgs=self.imgs)
+        b = dataclasses.replace(self.batches[self.i % len(self.batches)], imgs=self.imgs)
         self.i += 1
-        mb = self.rj.batch_to(mb, self.device)
-        loss, _, _ = self.rj.train_step(self.encoder, self.predictor, self.target, self.opt, mb, self.grid, 0.996,
-                                        0.0, self.autocast, check=False)
+        b = b.to(self.device)  # per step, as in training: index copies and the two Seqs
+        loss, _, _ = self.rj.train_step(self.encoder, self.predictor, self.target, self.opt, b, 0.996, 0.0,
+                                        self.autocast, check=False)
         return loss
 
     def tokens(self):
         """Per image: context tokens encoded, target tokens per block; and the per-step lists for the FLOPs."""
-        ctx = [mb["ctx_len"].tolist() for mb in self.mbs]
+        ctx = [b.ctx_len.tolist() for b in self.batches]
         M = self.c.n_targets
-        tgt = [[mb["tgt_len"].tolist()[b * M:(b + 1) * M] for b in range(len(c))] for mb, c in zip(self.mbs, ctx)]
+        tgt = [[b.tgt_len.tolist()[i * M:(i + 1) * M] for i in range(len(c))]
+               for b, c in zip(self.batches, ctx)]
         return ctx, tgt
 
     def close(self):
@@ -246,7 +254,7 @@ def fault(path):
 
 
 def run_official_row(cfg_name, device, steps, warmup, repo=None, between=None):
-    from kernels import official_ijepa
+    from bench import official_ijepa
     cfg = CONFIGS[cfg_name]
     row = dict(config=cfg_name, path="official", **{k: cfg[k] for k in ("model", "patch", "img_size", "batch")})
     fault("official")
@@ -278,31 +286,29 @@ def fatal_cuda(msg):
 # ----------------------------------------------------------------------------------------------------------------
 
 def worker(rows_file, results_file, device_name, steps, warmup, repo):
-    """Run rows in order; write {"i", "start"} before and the result after each one (JSON lines, flushed)."""
+    """Run rows in order; append {"i", "start"} before and the result after each one (JSON lines, each line
+    written in one call)."""
     import torch
     device = torch.device(device_name)
     rows = json.load(open(rows_file))
-    with open(results_file, "a") as out:
-        for i, (cfg_name, path) in rows:
-            out.write(json.dumps(dict(i=i, start=time.time())) + "\n")
-            out.flush()
-            try:
-                if path == "official":
-                    row = run_official_row(cfg_name, device, steps, warmup, repo)
-                else:
-                    row = run_radjepa_row(cfg_name, path, device, steps, warmup)
-            except SystemExit as e:  # radjepa's one-line errors (e.g. --kernels triton cannot run here)
-                row = dict(config=cfg_name, path=path, status="error", error=str(e))
-            except BaseException as e:  # noqa: BLE001: a row must never take the bench down
-                row = dict(config=cfg_name, path=path, status="error", error=error_line(e),
-                           where=traceback.format_exc().strip().splitlines()[-3:])
-                if device.type == "cuda" and isinstance(e, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-            row["i"] = i
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            if row["status"] == "error" and fatal_cuda(row["error"]):
-                sys.exit(3)  # the CUDA context is gone: the parent restarts a fresh worker for the rest
+    for i, (cfg_name, path) in rows:
+        plumbing.append_jsonl(results_file, dict(i=i, start=time.time()))
+        try:
+            if path == "official":
+                row = run_official_row(cfg_name, device, steps, warmup, repo)
+            else:
+                row = run_radjepa_row(cfg_name, path, device, steps, warmup)
+        except SystemExit as e:  # radjepa's one-line errors (e.g. --kernels triton cannot run here)
+            row = dict(config=cfg_name, path=path, status="error", error=str(e))
+        except BaseException as e:  # noqa: BLE001: a row must never take the bench down
+            row = dict(config=cfg_name, path=path, status="error", error=error_line(e),
+                       where=traceback.format_exc().strip().splitlines()[-3:])
+            if device.type == "cuda" and isinstance(e, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+        row["i"] = i
+        plumbing.append_jsonl(results_file, row)
+        if row["status"] == "error" and fatal_cuda(row["error"]):
+            sys.exit(3)  # the CUDA context is gone: the parent restarts a fresh worker for the rest
 
 
 def read_results(path):
@@ -332,9 +338,9 @@ def schedule(jobs, args, device, log):
             while group[-1] + 1 < len(jobs) and jobs[group[-1] + 1][1] != "official":
                 group.append(group[-1] + 1)
         rows_file, res_file = os.path.join(tmp, f"rows{i}.json"), os.path.join(tmp, f"res{i}.jsonl")
-        json.dump([(j, jobs[j]) for j in group], open(rows_file, "w"))
-        cmd = [sys.executable, "-m", "kernels.train_bench", "--worker", rows_file, res_file, "--device", device.type,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        plumbing.write_json(rows_file, [(j, jobs[j]) for j in group])
+        cmd = [sys.executable, "-m", "bench.train_bench", "--worker", rows_file, res_file,
+               "--device", device.type, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         if args.official_repo:
             cmd += ["--official-repo", args.official_repo]
         env = dict(os.environ)
@@ -456,7 +462,6 @@ def profile_steps(st, n):
     """torch.profiler over n steps of one radjepa row -> self-CPU share per group, top ops, and the loader's cost
     per image (PNG decode + random resized crop, masks + pack) measured on 256-px PNGs written to a temp folder."""
     import numpy as np
-    from PIL import Image
     from torch.profiler import ProfilerActivity, profile
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -475,7 +480,7 @@ def profile_steps(st, n):
         paths = []
         for i in range(B):
             paths.append(os.path.join(d, f"{i}.png"))
-            Image.fromarray(np.random.default_rng(i).integers(0, 256, (256, 256), dtype=np.uint8)).save(paths[-1])
+            plumbing.save_png(paths[-1], np.random.default_rng(i).integers(0, 256, (256, 256), dtype=np.uint8))
         ds, col = st.rj.CXRDataset(paths, c), st.rj.Collate(c)
         t1 = time.perf_counter()
         items = [ds[(i, i)] for i in range(B)]
@@ -597,8 +602,7 @@ def main(argv=None):
     device = torch.device(dev)
     if a.worker:
         return worker(a.worker[0], a.worker[1], dev, a.steps, a.warmup, a.official_repo)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+    out_folder(a.out)  # a file, or a path under one: one line, before any row runs
 
     def log(msg):
         print(msg, flush=True)
@@ -619,7 +623,7 @@ def main(argv=None):
                machine=torch.cuda.get_device_name() if dev == "cuda" else f"CPU {platform.machine()}, "
                f"{torch.get_num_threads()} threads", torch=torch.__version__, triton=tv,
                mode="smoke" if a.smoke else "interleaved" if a.interleave else "full",
-               command="python -m kernels.train_bench " + " ".join(argv), seconds=time.time() - t0,
+               command="python -m bench.train_bench " + " ".join(argv), seconds=time.time() - t0,
                flops_formula=FLOPS_FORMULA, peak_tflops=H200_BF16_TFLOPS, rows=rows)
     save_results(a.out, "train_bench", res, to_markdown)
     return res

@@ -1,0 +1,727 @@
+"""
+plumbing.py: what radjepa.py, eval.py, data_prep.py and bench/ need that is not the method, each defined once.
+
+The ground floor of the project: it imports nothing of the project (numpy, PIL and, where needed, torch).
+  files      atomic writes (temp file + fsync + rename; a full disk is one line naming the OS reason and the path)
+  folders    the output-folder lock (one live run per folder; a dead run's lock is taken over)
+  images     decoding any PNG/JPEG/BMP/TIFF to float [0, 1], listing a tree of images
+  tables     one CSV reader and one image-path normaliser for labels.csv and reports.csv, with every check
+  checkpoints  reading and validating a RadJEPA checkpoint (for training's --resume, eval and export alike)
+  the CLI    flags generated from a dataclass, range and type checks; Ctrl-C held over a training step
+  pictures   loss curves from log.jsonl, the training masks over crops; versions for logs
+Every check raises BadInput (a ValueError) with a one-line message; each script turns it into `error: ...`.
+"""
+import argparse
+import csv
+import errno
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+class BadInput(ValueError):
+    """A file, folder, flag or checkpoint that cannot be used; the message is one line and names it."""
+
+
+class BadImage(BadInput):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: written atomically. A reader (or a resumed run) sees the old file or the new one, never half of one.
+
+def os_reason(e):
+    """An OSError -> 'no space left on device' (its strerror, lower case), for one-line messages."""
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    return reason[:1].lower() + reason[1:]
+
+
+@contextmanager
+def atomic_open(path, mode="wb", encoding=None):
+    """with atomic_open(path) as f: f.write(...). The data goes to a hidden temp file beside `path` (the name neither
+    starts like nor ends like the real file, so no glob sees it), is fsynced, then renamed over `path`. Any failure
+    removes the temp file, keeps the previous `path`, and raises BadInput('cannot write PATH: no space left on
+    device')."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise BadInput(f"cannot write {path}: {os_reason(e)}") from None
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path, text):
+    """UTF-8, always: every reader of the project's CSV and markdown files insists on it."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def save_torch(path, obj):
+    """torch.save, atomically. Serialised in memory first: a full disk is then an OSError with its reason, where
+    torch's own writer says 'enforce fail at inline_container.cc'."""
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
+
+
+def save_png(path, image):
+    """A PIL image or a uint8 array ([H, W] gray or [H, W, 3] RGB) -> PNG, atomically."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    write_bytes(path, buf.getbuffer())
+
+
+def append_jsonl(path, record):
+    """One JSON record per line (log.jsonl): a line is written in one call, so a killed run leaves whole lines."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+def read_json(path):
+    """A JSON file, or None if it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders: one live run per output folder.
+
+def lock_file(path, what):
+    """Hold an exclusive lock on `path` for this process's life (flock: the OS drops a dead process's lock, so a
+    stale lock is simply taken over). The file holds our pid. Another live holder -> BadInput naming its pid.
+    Returns the open file; closing it releases the lock."""
+    import fcntl
+    try:
+        lock = open(path, "a+")
+    except OSError as e:
+        raise BadInput(f"{what}: cannot create {path} ({os_reason(e)})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise BadInput(f"{what} is in use by another process (pid {pid}); wait for it or stop it") from None
+    lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
+    return lock
+
+
+def claim_out(out, what=None):
+    """Before any work: OUT must be a writable folder (64 KiB written and removed) that no live run uses.
+    -> the lock (see lock_file); temp files a dead run left behind are removed."""
+    what = what or f"--out {out}"
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f".probe.{os.getpid()}"), "wb") as f:
+            f.write(bytes(1 << 16)), f.flush(), os.fsync(f.fileno())
+        os.remove(f.name)
+    except OSError as e:
+        raise BadInput(f"{what} is not a writable folder ({os_reason(e)})") from None
+    lock = lock_file(os.path.join(out, ".lock"), what)
+    for name in os.listdir(out):  # no live process owns these: we hold the lock
+        if name.startswith(".") and ".tmp" in name and not name.startswith(".lock"):
+            os.remove(os.path.join(out, name))
+    return lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images.
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def load_image(path):
+    """Any PNG/JPEG/BMP/TIFF -> float32 [H, W] in [0, 1]. 16-bit data is scaled by its stored bit depth, inferred
+    from the maximum (a 12-bit image in a 16-bit PNG -> / 4095), not by 65535, which would make it nearly black.
+    RGB/RGBA -> luminance (alpha dropped: NIH's few RGBA files are opaque). Raises BadImage if unreadable."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage(f"{path}: zero-byte file")
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here and not later
+            if im.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "1"):
+                im = im.convert("L")
+            a = np.asarray(im)
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if a.ndim == 3:
+        a = a[..., 0]
+    integer, a = np.issubdtype(a.dtype, np.integer), a.astype(np.float32)
+    if integer:  # 8-bit data: bits = 8, / 255
+        bits = max(8, int(np.ceil(np.log2(float(a.max()) + 1))))
+        return a / (2.0 ** bits - 1)
+    lo, hi = float(a.min()), float(a.max())  # float images: min-max
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def list_image_files(root, out=None):
+    """Every image file under `root` (links followed, each real folder and file once: a loop or a link back up
+    adds nothing), except inside `out`, whose pictures are not data. -> sorted paths."""
+    top, found = os.path.realpath(root), {}
+    if out and os.path.realpath(out) == top:
+        raise BadInput(f"--out {out} is the --data folder: its pictures would become training images")
+    seen = {os.path.realpath(out)} if out else set()
+    for d, dirs, names in os.walk(root, followlinks=True):
+        if (real := os.path.realpath(d)) in seen or top.startswith(real + os.sep):
+            dirs[:], names = [], []
+        seen.add(real)
+        for p in (os.path.join(d, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTS):
+            found.setdefault(os.path.realpath(p), p)  # the first path of a file wins
+    return sorted(found.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables: labels.csv and reports.csv of a prepared folder (data_prep.py writes them; README: the prepared layout).
+
+SPLITS = ("train", "val", "test")
+LABEL_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "": float("nan")}  # blank = unknown
+FIELD_LIMIT = 1 << 24  # 16 MiB per cell: a long report is fine; csv's default (128 KiB) would stop it
+
+
+def read_csv(path, required=(), exact=None):
+    """A CSV (or .csv.gz) file -> (header, [(line, cells)]). Strict UTF-8 (a byte-order mark allowed): another
+    byte is an error naming the line, never a silent replacement. `required`: columns that must be present;
+    `exact`: the header must start with these. Blank rows are skipped; a row with another number of cells than
+    the header is an error naming its line."""
+    import gzip
+    path = os.fspath(path)
+    try:
+        raw = open(path, "rb").read()
+        raw = gzip.decompress(raw) if path.endswith(".gz") else raw
+    except (OSError, EOFError) as e:
+        raise BadInput(f"{path}: cannot be read ({os_reason(e) if isinstance(e, OSError) else e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise BadInput(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    csv.field_size_limit(max(csv.field_size_limit(), FIELD_LIMIT))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    except csv.Error as e:
+        raise BadInput(f"{path} line {reader.line_num}: {e}") from None
+    if not header:
+        raise BadInput(f"{path}: empty CSV file")
+    if exact and header[:len(exact)] != list(exact):
+        raise BadInput(f"{path}: header must start with {','.join(exact)} (got {','.join(header) or 'nothing'})")
+    if missing := [c for c in required if c not in header]:
+        raise BadInput(f"{path}: missing column {missing[0]!r} (header: {','.join(header)})")
+    for line, r in rows:
+        if exact and len(r) != len(header):
+            raise BadInput(f"{path} line {line}: the row has {len(r)} cells, the header has {len(header)}: "
+                           f"{r[:3]}")
+    return header, rows
+
+
+def image_key(cell, where):
+    """The one spelling of an image path inside a prepared folder: `./images/x.png`, `images//x.png` and
+    `images/x.png` are the same file. A path that is empty, absolute or leaves the folder -> BadInput."""
+    p = os.path.normpath(cell.strip()) if cell.strip() else "."
+    if os.path.isabs(p) or p.split(os.sep)[0] in ("..", "."):
+        raise BadInput(f"{where}: image path {cell!r} is empty or leaves the prepared folder")
+    return p
+
+
+def read_labels(root):
+    """ROOT/labels.csv -> dict(header, label_names, rows=[dict(line, image, patient, split, labels)]), every
+    check done before any work: header image,patient,split,<labels>; a split of train/val/test; an image path
+    inside the folder, listed once; label cells 1 / 0 / blank only (CheXpert's -1 would silently wreck a probe:
+    data_prep.py --uncertain maps them); a patient in one split only (else test images leak into training)."""
+    path = os.path.join(root, "labels.csv")
+    header, raw = read_csv(path, exact=("image", "patient", "split"))
+    names, rows, line_of, split_of = header[3:], [], {}, {}
+    for line, r in raw:
+        where = f"{path} line {line}"
+        if r[2] not in SPLITS:
+            raise BadInput(f"{where}: split must be one of {', '.join(SPLITS)}, got {r[2]!r} for {r[0]!r}")
+        img = image_key(r[0], where)
+        if img in line_of:
+            raise BadInput(f"{where}: image {r[0]!r} repeats line {line_of[img]} (it would count twice)")
+        line_of[img] = line
+        bad = [(n, c) for n, c in zip(names, r[3:]) if c.strip() not in LABEL_VALUES]
+        if bad:
+            raise BadInput(f"{where}, column {bad[0][0]!r}: label {bad[0][1]!r} is not 1, 0 or blank (unknown); "
+                           f"map uncertain labels first (data_prep.py --uncertain)")
+        first = split_of.setdefault(r[1], (r[2], line))
+        if first[0] != r[2]:
+            raise BadInput(f"{path} line {line}: patient {r[1]!r} is in {r[2]} here and in {first[0]} on line "
+                           f"{first[1]}; splits must be by patient")
+        rows.append(dict(line=line, image=img, patient=r[1], split=r[2],
+                         labels=[LABEL_VALUES[c.strip()] for c in r[3:]]))
+    return dict(path=path, header=header, label_names=names, rows=rows)
+
+
+def read_reports(root, images):
+    """ROOT/reports.csv (image,findings,impression) -> {image key: (findings, impression)}. `images`: the image
+    keys of labels.csv. The same reader and path normaliser as labels.csv, so `./images/x.png` finds its row; a
+    report for an image that labels.csv does not list, or listed twice, is an error naming the line."""
+    path = os.path.join(root, "reports.csv")
+    header, raw = read_csv(path, exact=("image", "findings", "impression"))
+    known, out, line_of = set(images), {}, {}
+    for line, r in raw:
+        where = f"{path} line {line}"
+        img = image_key(r[0], where)
+        if img not in known:
+            raise BadInput(f"{where}: image {r[0]!r} is not in labels.csv")
+        if img in line_of:
+            raise BadInput(f"{where}: image {r[0]!r} repeats line {line_of[img]}")
+        line_of[img] = line
+        out[img] = (r[1].strip(), r[2].strip())
+    return out
+
+
+def list_images(root, out=None):
+    """Training images: a prepared folder's train split (labels.csv, checked as above), else every image file
+    under `root`. -> sorted paths; none -> BadInput."""
+    if not os.path.isdir(root):
+        raise BadInput(f"--data {root!r} is not a folder")
+    if os.path.exists(os.path.join(root, "labels.csv")):
+        paths = [os.path.join(root, r["image"]) for r in read_labels(root)["rows"] if r["split"] == "train"]
+    else:
+        paths = list_image_files(root, out)
+    if not paths:
+        raise BadInput(f"no training images found in {root!r} (extensions: {' '.join(sorted(IMAGE_EXTS))})")
+    return sorted(paths)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: one validator for training's --resume, eval.py and `radjepa.py export`.
+
+CHECKPOINT_FORMAT = "radjepa-v1"
+STATE_KEYS = ("encoder", "predictor", "target_encoder")
+
+
+def read_checkpoint(path):
+    """A RadJEPA checkpoint -> its dict, checked: loadable as tensors and plain types only (no pickled code runs),
+    the format marker, a config dict, weights that are all finite, a step that is an integer >= 0."""
+    import torch
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise BadInput(f"{path} is not a RadJEPA checkpoint: cannot be loaded ({type(e).__name__}: {first})") \
+            from None
+    missing = {"format", "config", "target_encoder"} - set(ck if isinstance(ck, dict) else {})
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or missing:
+        raise BadInput(f"{path} is not a RadJEPA checkpoint: missing {sorted(missing) or 'format marker'}")
+    if not isinstance(ck["config"], dict):
+        raise BadInput(f"{path}: its config is not a dict")
+    step = ck.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise BadInput(f"{path}: its step {step!r} is not an integer >= 0")
+    for key in STATE_KEYS:
+        sd = ck.get(key, {})
+        if not isinstance(sd, dict):
+            raise BadInput(f"{path}: its {key} is not a state dict")
+        if bad := [n for n, t in sd.items() if not torch.is_tensor(t)]:
+            raise BadInput(f"{path} is not a good checkpoint: {key} holds a non-tensor ({bad[0]})")
+        if bad := [n for n, t in sd.items() if not torch.isfinite(t).all()]:
+            raise BadInput(f"{path} is not a good checkpoint: {key} has NaN/Inf weights ({bad[0]})")
+    return ck
+
+
+def load_state(module, ck, key, path):
+    """ck[key] -> module, or a one-line BadInput naming the first mismatch with the architecture."""
+    if key not in ck:
+        raise BadInput(f"{path} is not a good checkpoint: {key} is missing")
+    try:
+        module.load_state_dict(ck[key])
+    except (RuntimeError, ValueError, KeyError) as e:  # the last line of PyTorch's message names the mismatch
+        raise BadInput(f"{path}: its {key} does not fit the architecture of its config: "
+                       f"{str(e).strip().splitlines()[-1].strip()[:200]}") from None
+
+
+def versions():
+    """What ran: torch, triton, python, the GPU. Recorded in config.json, log.jsonl and checkpoints."""
+    import torch
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        tv = version("triton")
+    except PackageNotFoundError:
+        tv = None
+    return dict(torch=str(torch.__version__), triton=tv, python=sys.version.split()[0],
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CLI: flags generated from a dataclass, checked before any work.
+
+def parse_dataclass_flags(cls, argv, description, epilog=None, prog=None):
+    """A dataclass whose fields carry metadata["help"] -> argparse, one --flag per field (--name-with-dashes;
+    bools get --no-flag; tuples take LO HI). -> dict of the flags actually given (field name -> value)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                argument_default=argparse.SUPPRESS)
+    for f in fields(cls):
+        flag, h = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=h)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=float, nargs=2, metavar=("LO", "HI"), help=h)
+        else:
+            p.add_argument(flag, type=type(f.default), help=h)
+    given = vars(p.parse_args(argv))  # SUPPRESS: only the flags actually passed appear here
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
+def check_types(cls, values, where):
+    """Values from a file (a checkpoint's config) must have their field's type: `lr: "abc"` is refused here in
+    one line instead of failing deep inside. ints pass for floats; lists for tuples (JSON has no tuples)."""
+    kinds = {f.name: type(f.default) for f in fields(cls)}
+    for k, v in values.items():
+        want = kinds.get(k)
+        ok = (want is None or (want is bool and isinstance(v, bool))
+              or (want is int and isinstance(v, int) and not isinstance(v, bool))
+              or (want is float and isinstance(v, (int, float)) and not isinstance(v, bool))
+              or (want is str and isinstance(v, str))
+              or (want is tuple and isinstance(v, (list, tuple)) and len(v) == 2
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)))
+        if not ok:
+            raise BadInput(f"{where}: {k} = {v!r} is not a {want.__name__}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def check_ranges(cfg, ranges):
+    """ranges: [(space-separated field names, what is allowed, test)] -> BadInput naming the first bad flag."""
+    for names, allowed, ok in ranges:
+        for k in names.split():
+            if not ok(v := getattr(cfg, k)):
+                v = " ".join(map(str, v)) if isinstance(v, tuple) else v
+                raise BadInput(f"--{k.replace('_', '-')} {v}: must be {allowed}")
+
+
+FINITE = (lambda v: 0 <= v < math.inf)
+
+
+@contextmanager
+def interrupts_held():
+    """Ctrl-C inside the block is held until the block ends, then raised: an optimizer step, the EMA and the step
+    counter all change, or none does, so a checkpoint never holds half a step."""
+    hit = []
+    hold = (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            and threading.current_thread() is threading.main_thread())  # else Ctrl-C is not ours to hold
+    if hold:
+        signal.signal(signal.SIGINT, lambda *a: hit.append(a))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hit:
+        raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures, drawn with PIL alone.
+
+LEGEND = [(60, 110, 255), (230, 60, 60), (60, 180, 75), (245, 160, 30), (170, 60, 200), (70, 200, 220)]
+
+
+def plot_log(log_path, png_path, curves, w=720, ph=170):
+    """log.jsonl -> a PNG with one panel per (key, title) in `curves` that every train record has: y from 0 with
+    ticks, the step on x."""
+    with open(log_path, encoding="utf-8") as f:
+        recs = [r for r in map(json.loads, f) if r.get("type") == "train" or "loss" in r]
+    curves = [(k, t) for k, t in curves if all(k in r for r in recs)]  # old logs lack the newer keys
+    if len(recs) < 2 or not curves:
+        return
+    im = Image.new("RGB", (w, ph * len(curves)), "white")
+    d, x0, x1 = ImageDraw.Draw(im), 60, w - 20
+    s0, s1 = recs[0]["step"], recs[-1]["step"]
+    def X(s): return x0 + (s - s0) / max(1, s1 - s0) * (x1 - x0)
+    for i, (key, title) in enumerate(curves):
+        ys, top, bot = [r[key] for r in recs], i * ph + 24, (i + 1) * ph - 30
+        hi = max(ys) * 1.05 or 1.0
+        def Y(v): return bot - v / hi * (bot - top)
+        d.rectangle([x0, top, x1, bot], outline="black")
+        d.text((x0, top - 16), f"{title}: {ys[0]:.4g} -> {ys[-1]:.4g}", fill="black")
+        for v in np.linspace(0, hi, 5):
+            d.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
+            d.text((4, Y(v) - 5), f"{v:.3g}", fill="black")
+        for st in np.linspace(s0, s1, 6):
+            d.line([X(st), bot, X(st), bot + 4], fill="black")
+            d.text((X(st) - 10, bot + 6), f"{st:.0f}", fill="black")
+        d.text((x0 - 50, bot + 6), "step", fill="black")
+        d.line([(X(r["step"]), Y(y)) for r, y in zip(recs, ys)], fill="navy", width=2)
+    save_png(png_path, im)
+
+
+def draw_masks(crops, masks, patch, png_path, n_targets):
+    """crops: [S, S] float images in [0, 1]; masks: per crop (context indices, [target indices]) on the patch grid.
+    -> a strip of the crops (each upscaled to >= 256 px) with the context in blue and each target block in its
+    own colour, a legend below."""
+    tiles, k = [], -(-256 // crops[0].shape[0])  # k: upscale factor (ceil)
+    g = crops[0].shape[0] // patch
+    for x, (ctx, tgts) in zip(crops, masks):
+        rgb = np.repeat(np.asarray(x)[..., None] * 255, 3, -1)
+        over, cover = np.zeros((g, g, 3)), np.zeros((g, g))
+        for idx, color in [(ctx, LEGEND[0])] + [(t, LEGEND[1 + j % 5]) for j, t in enumerate(tgts)]:
+            over.reshape(-1, 3)[np.asarray(idx)] += color
+            cover.reshape(-1)[np.asarray(idx)] += 1
+        over = over / np.maximum(cover, 1)[..., None]
+        up = np.kron(over, np.ones((patch, patch, 1)))
+        alpha = np.kron((cover > 0).astype(float), np.ones((patch, patch)))[..., None] * 0.45
+        tiles.append(np.kron((rgb * (1 - alpha) + up * alpha).astype(np.uint8), np.ones((k, k, 1), np.uint8)))
+    strip = np.concatenate([np.pad(t, ((0, 0), (0, 6), (0, 0)), constant_values=255) for t in tiles], axis=1)
+    im = Image.new("RGB", (strip.shape[1], strip.shape[0] + 28), "white")
+    im.paste(Image.fromarray(strip))
+    d, x = ImageDraw.Draw(im), 4
+    names = ["context: what the encoder sees"] + [f"target {j + 1}" for j in range(min(n_targets, 5))]
+    for color, name in [*zip(LEGEND, names), (None, "uncoloured: neither")]:
+        d.rectangle([x, strip.shape[0] + 8, x + 12, strip.shape[0] + 20], fill=color, outline="black")
+        d.text((x + 16, strip.shape[0] + 8), name, fill="black")
+        x += 28 + 6 * len(name)
+    save_png(png_path, im)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: a checkpoint's EMA encoder as a folder that timm reads (no timm needed here).
+
+TIMM_ARCH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 1024: "vit_large_patch16_224"}
+
+
+def export_timm(ck, ckpt_path, pos_embed, mean, std, out_dir):
+    """ck: a checked checkpoint (read_checkpoint); pos_embed [N, D]: the training grid's sin-cos table.
+    Writes pytorch_model.bin, a plain state dict with the key names of timm's VisionTransformer(in_chans=1,
+    class_token=False, global_pool="avg", fc_norm=False, num_classes=0), and config.json: architecture +
+    model_args (enough to build it) and pretrained_cfg with the input size and the one-channel mean/std. RadJEPA's
+    blocks are timm's (pre-norm, LayerNorm eps 1e-6, exact GELU, qkv laid out [3, heads, Dh]), so only names
+    change. timm normalises outside the model: model.forward_features((x - mean) / std) == load_encoder(ckpt)(x)."""
+    c = ck["config"]
+    sd = {k.replace("patch_embed.", "patch_embed.proj.").replace(".mlp.0.", ".mlp.fc1.")  # only names differ
+          .replace(".mlp.2.", ".mlp.fc2."): v.float().contiguous() for k, v in ck["target_encoder"].items()}
+    sd["pos_embed"] = pos_embed[None]  # no class token -> no extra slot: [1, N, D]
+    g = c["img_size"] // c["patch"]
+    args = dict(img_size=c["img_size"], patch_size=c["patch"], in_chans=1, embed_dim=c["width"],
+                depth=c["depth"], num_heads=c["heads"], mlp_ratio=4.0, qkv_bias=True, class_token=False,
+                no_embed_class=True, global_pool="avg", fc_norm=False, num_classes=0)
+    cfg = dict(architecture=TIMM_ARCH.get(c["width"], "vit_base_patch16_224"), num_classes=0,
+               num_features=c["width"], global_pool="avg", model_args=args,
+               pretrained_cfg=dict(input_size=[1, c["img_size"], c["img_size"]], mean=[mean], std=[std],
+                                   crop_pct=1.0, interpolation="bilinear", fixed_input_size=True, num_classes=0),
+               radjepa=dict(checkpoint=os.path.abspath(ckpt_path), step=ck.get("step"), config=c,
+                            note="timm interpolates pos_embed at other sizes; radjepa.sincos_pos_embed(gh, gw, "
+                                 f"D, ref=({g}, {g})) is the exact table (README: Use the weights elsewhere)"))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot create {out_dir}: {os_reason(e)}") from None
+    save_torch(os.path.join(out_dir, "pytorch_model.bin"), sd)
+    write_json(os.path.join(out_dir, "config.json"), cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: the output folder of a training run, its log, and the processes of a torchrun job.
+
+RUN_FILES = ("ckpt.pt", "log.jsonl", "config.json", "masks.png", "loss.png")
+
+
+def check_run_folder(out, resume, restart):
+    """An --out that holds a run is continued (--resume) or replaced (--restart), never silently mixed:
+    a second run would append to log.jsonl, rewrite config.json and overwrite ckpt.pt."""
+    ckpt, log = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
+    if restart:
+        for name in RUN_FILES:
+            if os.path.exists(p := os.path.join(out, name)):
+                os.remove(p)
+    elif not resume and (os.path.exists(ckpt) or os.path.exists(log)):
+        step = read_checkpoint(ckpt).get("step", 0) if os.path.exists(ckpt) else 0
+        raise BadInput(f"--out {out} already holds a run (at step {step}): add --resume to continue it, "
+                       f"or --restart to start over (its files are replaced)")
+
+
+def start_log(out, header):
+    """OUT/config.json = header; OUT/log.jsonl keeps the records up to header['start_step'] (those past it
+    were written after the checkpoint a resumed run starts from: they are redone), then the header."""
+    path, start = os.path.join(out, "log.jsonl"), header["start_step"]
+    old = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) and start else []
+    write_text(path, "".join(r + "\n" for r in old if json.loads(r).get("step", 0) <= start))
+    write_json(os.path.join(out, "config.json"), header)
+    append_jsonl(path, header)
+
+
+def setup_distributed(device, batch_size):
+    """-> (ddp, rank, world, torch.device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python
+    radjepa.py` never makes a process group. device: auto | cuda | cpu."""
+    import torch
+    import torch.distributed as dist
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda but CUDA is not available")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if dev == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if batch_size % world:
+        raise BadInput(f"--batch-size {batch_size} is not divisible by the {world} processes")
+    return ddp, rank, world, torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device(dev)
+
+
+def export_cli(argv, load):
+    """`radjepa.py export CKPT OUT_DIR`. load(ckpt) -> (checked checkpoint, its [N, D] sin-cos table, mean,
+    std); then export_timm."""
+    p = argparse.ArgumentParser(prog="radjepa.py export", description=export_timm.__doc__)
+    p.add_argument("ckpt", help="OUT/ckpt.pt written by radjepa.py")
+    p.add_argument("out_dir", help="folder to write pytorch_model.bin and config.json into")
+    a = p.parse_args(argv)
+    try:
+        ck, pos, mean, std = load(a.ckpt)
+        cfg = export_timm(ck, a.ckpt, pos, mean, std, a.out_dir)
+    except BadInput as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {a.out_dir}/pytorch_model.bin and config.json ({cfg['architecture']} args, "
+          f"{cfg['model_args']['img_size']} px, patch {cfg['model_args']['patch_size']})")
+
+
+class StepStats:
+    """A training log line's numbers, summed between log steps as device tensors (no sync per step);
+    record() reads them once and starts the next sums."""
+
+    def __init__(self):
+        self.sums, self.t0 = dict(loss=0.0, ctx=0.0, tgt=0.0, std=0.0, n=0, imgs=0), time.time()
+
+    def add(self, **values):  # loss, ctx, tgt, std: averaged; imgs: summed (images per second)
+        for k, v in values.items():
+            self.sums[k] += v
+        self.sums["n"] += 1
+
+    def record(self, step, skipped, **extra):
+        """-> (the log.jsonl record, the log line)."""
+        s, n, now = self.sums, max(self.sums["n"], 1), time.time()
+        r = dict(type="train", step=step, loss=float(s["loss"]) / n, lr=extra.pop("lr"),
+                 wd=extra.pop("wd"), ema=extra.pop("ema"), grad_norm=float(extra.pop("grad_norm")),
+                 img_per_s=float(s["imgs"]) / (now - self.t0), ctx_patches=float(s["ctx"]) / n,
+                 tgt_patches=float(s["tgt"]) / n, target_std=float(s["std"]) / n,
+                 skipped_files=skipped, time=now, **extra)
+        self.__init__()
+        return r, (f"step {step:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
+                   f"ema {r['ema']:.4f} | gnorm {r['grad_norm']:.3f} | {r['img_per_s']:.1f} img/s | "
+                   f"ctx {r['ctx_patches']:.1f} tgt {r['tgt_patches']:.1f} | std {r['target_std']:.3f} | "
+                   f"erank {r['target_erank']:.1f} | skipped {skipped}")
+
+
+# radjepa.py's flags: each one's allowed range, and the flags that must agree (make_config calls this).
+TRAIN_RANGES = [
+    ("img_size patch width depth heads pred_width pred_depth n_targets min_ctx batch_size steps log_every "
+     "ckpt_every", "an integer >= 1", lambda v: v >= 1),
+    ("workers warmup stop_at seed", "an integer >= 0", lambda v: v >= 0),
+    ("lr start_lr final_lr wd final_wd clip", "a finite number >= 0", FINITE),
+    ("ema final_ema", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    ("crop_scale tgt_scale ctx_scale", "LO HI with 0 < LO <= HI <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
+    ("tgt_aspect", "LO HI with 0 < LO <= HI (finite)", lambda v: 0 < v[0] <= v[1] < math.inf),
+    ("device", "auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu")),
+    ("precision", "auto, bf16 or fp32", lambda v: v in ("auto", "bf16", "fp32")),
+    ("kernels", "auto, torch or triton", lambda v: v in ("auto", "torch", "triton"))]
+
+
+def check_config(c):
+    """A radjepa.Config, checked before any work: every range, then the flags that must agree."""
+    check_ranges(c, TRAIN_RANGES)
+    if c.stop_at > c.steps:
+        raise BadInput(f"--stop-at {c.stop_at} is beyond --steps {c.steps}, where the schedules end")
+    if c.img_size % c.patch:
+        raise BadInput(f"--img-size {c.img_size} is not a multiple of --patch {c.patch}")
+    if c.width % c.heads or c.pred_width % c.heads or c.width % 4 or c.pred_width % 4:
+        raise BadInput("--width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+    if not 1 <= c.target_blocks <= c.depth:
+        raise BadInput(f"--target-blocks must be between 1 and --depth {c.depth}, not {c.target_blocks}")
+    return c
+
+
+def check_resume(c, given, base, arch_fields, run_fields):
+    """--resume: flags that change the weights' shapes are refused (they could not load); other flags
+    that change the run (not the where and how of run_fields) get a warning."""
+    arch = [f"--{k.replace('_', '-')} {getattr(c, k)} (checkpoint: {base.get(k)})"
+            for k in arch_fields if getattr(c, k) != base.get(k)]
+    if arch:
+        raise BadInput(f"--resume with a different architecture: {', '.join(arch)}; drop these flags or "
+                       f"use another --out")
+    if changed := sorted(k for k in given if k not in run_fields and given[k] != base.get(k)):
+        print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
+              f"uninterrupted run")
+
+
+def save_checkpoint(path, step, config, versions_, **state_dicts):
+    """A RadJEPA checkpoint, atomically: one dict (read_checkpoint reads it). A failed write keeps the
+    previous checkpoint and says so."""
+    try:
+        save_torch(path, dict(format=CHECKPOINT_FORMAT, step=step, config=config, versions=versions_,
+                              **state_dicts))
+    except BadInput as e:
+        raise BadInput(f"{e}; the previous checkpoint is kept") from None
+
+
+class Unreadable:
+    """Unreadable training files: each is named once (`say`) and counted; `limit` batches in a row with
+    no readable image means the data is bad, not unlucky: BadInput, never training on nothing."""
+
+    def __init__(self, say, data, limit=10):
+        self.files, self.empty, self.say, self.data, self.limit = set(), 0, say, data, limit
+
+    def note(self, bad, empty):
+        for err in bad:
+            if err not in self.files:
+                self.say(f"skipping {err}")
+            self.files.add(err)
+        self.empty = self.empty + 1 if empty else 0
+        if self.empty >= self.limit:
+            raise BadInput(f"{self.empty} batches in a row held no readable image ({len(self.files)} "
+                           f"distinct unreadable files, listed above); check --data {self.data}")
+
+
+def resume(path, modules, say=None):
+    """--resume: every state dict of a checked checkpoint into its module (or optimizer). -> its step."""
+    try:
+        ck = read_checkpoint(path)
+        for key, module in modules.items():
+            load_state(module, ck, key, path)
+    except BadInput as e:
+        raise BadInput(f"--resume: {e}") from None
+    if say:
+        say(f"resumed from {path} at step {ck['step']}")
+    return ck["step"]
