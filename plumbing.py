@@ -2,18 +2,19 @@
 plumbing.py: what radjepa.py, eval.py, data_prep.py and bench/ need that is not the method, each defined once.
 
 The ground floor of the project: it imports nothing of the project (numpy, PIL and, where needed, torch).
-  files      atomic writes (temp file + fsync + rename; a full disk is one line naming the OS reason and the path)
-  folders    the output-folder lock (one live run per folder; a dead run's lock is taken over)
-  images     decoding any PNG/JPEG/BMP/TIFF to float [0, 1], listing a tree of images
-  tables     one CSV reader and one image-path normaliser for labels.csv and reports.csv, with every check
-  checkpoints  reading and validating a RadJEPA checkpoint (for training's --resume, eval and export alike)
-  the CLI    flags generated from a dataclass, range and type checks; Ctrl-C held over a training step
-  pictures   loss curves from log.jsonl, the training masks over crops; versions for logs
+  files        atomic writes (temp file + fsync + rename; a full disk is one line naming the OS reason and the path)
+  folders      the output-folder lock (one live run per folder; a dead run's lock is taken over)
+  images       decoding any PNG/JPEG/BMP/TIFF to float [0, 1], listing a tree of images
+  tables       one CSV reader and one image-path normaliser for labels.csv and reports.csv, with every check
+  checkpoints  one validator (training's --resume, eval and export alike), one writer, resume
+  the CLI      flags generated from a dataclass, range and type checks, Ctrl-C held over a training step
+  runs         a training run's --out folder and log.jsonl, unreadable files, torchrun processes
+  pictures     loss curves from log.jsonl, the training masks over crops
+  export       the EMA encoder as a timm model folder
 Every check raises BadInput (a ValueError) with a one-line message; each script turns it into `error: ...`.
 """
 import argparse
 import csv
-import errno
 import io
 import json
 import math
@@ -325,7 +326,7 @@ def list_images(root, out=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one validator for training's --resume, eval.py and `radjepa.py export`.
+# Checkpoints: one validator for training's --resume, eval.py and `radjepa.py export`; one writer.
 
 CHECKPOINT_FORMAT = "radjepa-v1"
 STATE_KEYS = ("encoder", "predictor", "target_encoder")
@@ -373,6 +374,45 @@ def load_state(module, ck, key, path):
                        f"{str(e).strip().splitlines()[-1].strip()[:200]}") from None
 
 
+def save_checkpoint(path, step, config, versions_, **state_dicts):
+    """A RadJEPA checkpoint, atomically: one dict (read_checkpoint reads it). A failed write keeps the
+    previous checkpoint and says so."""
+    try:
+        save_torch(path, dict(format=CHECKPOINT_FORMAT, step=step, config=config, versions=versions_,
+                              **state_dicts))
+    except BadInput as e:
+        raise BadInput(f"{e}; the previous checkpoint is kept") from None
+
+
+def resume(path, modules, say=None):
+    """--resume: every state dict of a checked checkpoint into its module (or optimizer). -> its step
+    (0, and nothing loaded, when there is no checkpoint yet)."""
+    if not os.path.exists(path):
+        if say:
+            say(f"--resume: no checkpoint at {path} yet, starting from scratch")
+        return 0
+    try:
+        ck = read_checkpoint(path)
+        for key, module in modules.items():
+            load_state(module, ck, key, path)
+    except BadInput as e:
+        raise BadInput(f"--resume: {e}") from None
+    if say:
+        say(f"resumed from {path} at step {ck['step']}")
+    return ck["step"]
+
+
+def resume_config(path):
+    """--resume: the config of OUT/ckpt.pt (checked), or None when there is no checkpoint yet. Its stop
+    point belongs to the run that stopped, not to its continuation."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return {**read_checkpoint(path)["config"], "stop_at": 0}
+    except BadInput as e:
+        raise BadInput(f"--resume: {e}") from None
+
+
 def versions():
     """What ran: torch, triton, python, the GPU. Recorded in config.json, log.jsonl and checkpoints."""
     import torch
@@ -386,7 +426,22 @@ def versions():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The CLI: flags generated from a dataclass, checked before any work.
+# The CLI: flags generated from a dataclass; every value checked before any work.
+
+FINITE = (lambda v: 0 <= v < math.inf)
+# radjepa.py's flags: each one's allowed range, and the flags that must agree (make_config calls this).
+TRAIN_RANGES = [
+    ("img_size patch width depth heads pred_width pred_depth n_targets min_ctx batch_size steps log_every "
+     "ckpt_every", "an integer >= 1", lambda v: v >= 1),
+    ("workers warmup stop_at seed", "an integer >= 0", lambda v: v >= 0),
+    ("lr start_lr final_lr wd final_wd clip", "a finite number >= 0", FINITE),
+    ("ema final_ema", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    ("crop_scale tgt_scale ctx_scale", "LO HI with 0 < LO <= HI <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
+    ("tgt_aspect", "LO HI with 0 < LO <= HI (finite)", lambda v: 0 < v[0] <= v[1] < math.inf),
+    ("device", "auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu")),
+    ("precision", "auto, bf16 or fp32", lambda v: v in ("auto", "bf16", "fp32")),
+    ("kernels", "auto, torch or triton", lambda v: v in ("auto", "torch", "triton"))]
+
 
 def parse_dataclass_flags(cls, argv, description, epilog=None, prog=None):
     """A dataclass whose fields carry metadata["help"] -> argparse, one --flag per field (--name-with-dashes;
@@ -431,7 +486,31 @@ def check_ranges(cfg, ranges):
                 raise BadInput(f"--{k.replace('_', '-')} {v}: must be {allowed}")
 
 
-FINITE = (lambda v: 0 <= v < math.inf)
+def check_config(c):
+    """A radjepa.Config, checked before any work: every range, then the flags that must agree."""
+    check_ranges(c, TRAIN_RANGES)
+    if c.stop_at > c.steps:
+        raise BadInput(f"--stop-at {c.stop_at} is beyond --steps {c.steps}, where the schedules end")
+    if c.img_size % c.patch:
+        raise BadInput(f"--img-size {c.img_size} is not a multiple of --patch {c.patch}")
+    if c.width % c.heads or c.pred_width % c.heads or c.width % 4 or c.pred_width % 4:
+        raise BadInput("--width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
+    if not 1 <= c.target_blocks <= c.depth:
+        raise BadInput(f"--target-blocks must be between 1 and --depth {c.depth}, not {c.target_blocks}")
+    return c
+
+
+def check_resume(c, given, base, arch_fields, run_fields):
+    """--resume: flags that change the weights' shapes are refused (they could not load); other flags
+    that change the run (not the where and how of run_fields) get a warning."""
+    arch = [f"--{k.replace('_', '-')} {getattr(c, k)} (checkpoint: {base.get(k)})"
+            for k in arch_fields if getattr(c, k) != base.get(k)]
+    if arch:
+        raise BadInput(f"--resume with a different architecture: {', '.join(arch)}; drop these flags or "
+                       f"use another --out")
+    if changed := sorted(k for k in given if k not in run_fields and given[k] != base.get(k)):
+        print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
+              f"uninterrupted run")
 
 
 @contextmanager
@@ -450,6 +529,105 @@ def interrupts_held():
             signal.signal(signal.SIGINT, signal.default_int_handler)
     if hit:
         raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: the output folder of a training run, its log, unreadable files, and the processes of a torchrun job.
+
+RUN_FILES = ("ckpt.pt", "log.jsonl", "config.json", "masks.png", "loss.png")
+
+
+def check_run_folder(out, resume, restart):
+    """An --out that holds a run is continued (--resume) or replaced (--restart), never silently mixed:
+    a second run would append to log.jsonl, rewrite config.json and overwrite ckpt.pt."""
+    ckpt, log = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
+    if restart:
+        for name in RUN_FILES:
+            if os.path.exists(p := os.path.join(out, name)):
+                os.remove(p)
+    elif not resume and (os.path.exists(ckpt) or os.path.exists(log)):
+        step = read_checkpoint(ckpt).get("step", 0) if os.path.exists(ckpt) else 0
+        raise BadInput(f"--out {out} already holds a run (at step {step}): add --resume to continue it, "
+                       f"or --restart to start over (its files are replaced)")
+
+
+def start_log(out, header):
+    """OUT/config.json = header; OUT/log.jsonl keeps the records up to header['start_step'] (those past it
+    were written after the checkpoint a resumed run starts from: they are redone), then the header."""
+    path, start = os.path.join(out, "log.jsonl"), header["start_step"]
+    old = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) and start else []
+    write_text(path, "".join(r + "\n" for r in old if json.loads(r).get("step", 0) <= start))
+    write_json(os.path.join(out, "config.json"), header)
+    append_jsonl(path, header)
+    h = header
+    print(f"RadJEPA | {h['images']} images | encoder {h['params_encoder'] / 1e6:.1f}M, predictor "
+          f"{h['params_predictor'] / 1e6:.1f}M params | {h['world']} process(es) on {h['device']} | "
+          f"kernels: {h['kernels']} | {h['precision']} | steps {h['start_step']}->{h['end_step']}")
+
+
+class StepStats:
+    """A training log line's numbers, summed between log steps as device tensors (no sync per step);
+    record() reads them once and starts the next sums."""
+
+    def __init__(self):
+        self.sums, self.t0 = dict(loss=0.0, ctx=0.0, tgt=0.0, std=0.0, n=0, imgs=0), time.time()
+
+    def add(self, **values):  # loss, ctx, tgt, std: averaged; imgs: summed (images per second)
+        for k, v in values.items():
+            self.sums[k] += v
+        self.sums["n"] += 1
+
+    def record(self, step, skipped, **extra):
+        """-> (the log.jsonl record, the log line)."""
+        s, n, now = self.sums, max(self.sums["n"], 1), time.time()
+        r = dict(type="train", step=step, loss=float(s["loss"]) / n, lr=extra.pop("lr"),
+                 wd=extra.pop("wd"), ema=extra.pop("ema"), grad_norm=float(extra.pop("grad_norm")),
+                 img_per_s=float(s["imgs"]) / (now - self.t0), ctx_patches=float(s["ctx"]) / n,
+                 tgt_patches=float(s["tgt"]) / n, target_std=float(s["std"]) / n,
+                 skipped_files=skipped, time=now, **extra)
+        self.__init__()
+        return r, (f"step {step:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
+                   f"ema {r['ema']:.4f} | gnorm {r['grad_norm']:.3f} | {r['img_per_s']:.1f} img/s | "
+                   f"ctx {r['ctx_patches']:.1f} tgt {r['tgt_patches']:.1f} | std {r['target_std']:.3f} | "
+                   f"erank {r['target_erank']:.1f} | skipped {skipped}")
+
+
+class Unreadable:
+    """Unreadable training files: each is named once (`say`) and counted; `limit` batches in a row with
+    no readable image means the data is bad, not unlucky: BadInput, never training on nothing."""
+
+    def __init__(self, say, data, limit=10):  # say=None: count silently (ranks other than 0)
+        self.files, self.empty, self.say, self.data, self.limit = set(), 0, say, data, limit
+
+    def note(self, bad, empty):
+        for err in bad:
+            if err not in self.files and self.say:
+                self.say(f"skipping {err}")
+            self.files.add(err)
+        self.empty = self.empty + 1 if empty else 0
+        if self.empty >= self.limit:
+            raise BadInput(f"{self.empty} batches in a row held no readable image ({len(self.files)} "
+                           f"distinct unreadable files, listed above); check --data {self.data}")
+
+
+def setup_distributed(device, batch_size):
+    """-> (ddp, rank, world, torch.device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python
+    radjepa.py` never makes a process group. device: auto | cuda | cpu."""
+    import torch
+    import torch.distributed as dist
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda but CUDA is not available")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if dev == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if batch_size % world:
+        raise BadInput(f"--batch-size {batch_size} is not divisible by the {world} processes")
+    return ddp, rank, world, torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device(dev)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,176 +730,18 @@ def export_timm(ck, ckpt_path, pos_embed, mean, std, out_dir):
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Runs: the output folder of a training run, its log, and the processes of a torchrun job.
-
-RUN_FILES = ("ckpt.pt", "log.jsonl", "config.json", "masks.png", "loss.png")
-
-
-def check_run_folder(out, resume, restart):
-    """An --out that holds a run is continued (--resume) or replaced (--restart), never silently mixed:
-    a second run would append to log.jsonl, rewrite config.json and overwrite ckpt.pt."""
-    ckpt, log = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
-    if restart:
-        for name in RUN_FILES:
-            if os.path.exists(p := os.path.join(out, name)):
-                os.remove(p)
-    elif not resume and (os.path.exists(ckpt) or os.path.exists(log)):
-        step = read_checkpoint(ckpt).get("step", 0) if os.path.exists(ckpt) else 0
-        raise BadInput(f"--out {out} already holds a run (at step {step}): add --resume to continue it, "
-                       f"or --restart to start over (its files are replaced)")
-
-
-def start_log(out, header):
-    """OUT/config.json = header; OUT/log.jsonl keeps the records up to header['start_step'] (those past it
-    were written after the checkpoint a resumed run starts from: they are redone), then the header."""
-    path, start = os.path.join(out, "log.jsonl"), header["start_step"]
-    old = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) and start else []
-    write_text(path, "".join(r + "\n" for r in old if json.loads(r).get("step", 0) <= start))
-    write_json(os.path.join(out, "config.json"), header)
-    append_jsonl(path, header)
-
-
-def setup_distributed(device, batch_size):
-    """-> (ddp, rank, world, torch.device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python
-    radjepa.py` never makes a process group. device: auto | cuda | cpu."""
-    import torch
-    import torch.distributed as dist
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda but CUDA is not available")
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group(backend="nccl" if dev == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if dev == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if batch_size % world:
-        raise BadInput(f"--batch-size {batch_size} is not divisible by the {world} processes")
-    return ddp, rank, world, torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device(dev)
-
-
-def export_cli(argv, load):
-    """`radjepa.py export CKPT OUT_DIR`. load(ckpt) -> (checked checkpoint, its [N, D] sin-cos table, mean,
-    std); then export_timm."""
+def export_cli(argv, load_encoder, sincos_pos_embed, mean, std):
+    """`radjepa.py export CKPT OUT_DIR`: the checkpoint passes the checks of eval and --resume (its encoder
+    loads), then export_timm with the training grid's sin-cos table."""
     p = argparse.ArgumentParser(prog="radjepa.py export", description=export_timm.__doc__)
     p.add_argument("ckpt", help="OUT/ckpt.pt written by radjepa.py")
     p.add_argument("out_dir", help="folder to write pytorch_model.bin and config.json into")
     a = p.parse_args(argv)
     try:
-        ck, pos, mean, std = load(a.ckpt)
-        cfg = export_timm(ck, a.ckpt, pos, mean, std, a.out_dir)
+        enc = load_encoder(a.ckpt)  # a bad checkpoint never exports
+        pos = sincos_pos_embed(*enc.ref_grid, enc.embed_dim)
+        cfg = export_timm(read_checkpoint(a.ckpt), a.ckpt, pos, mean, std, a.out_dir)
     except BadInput as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {a.out_dir}/pytorch_model.bin and config.json ({cfg['architecture']} args, "
           f"{cfg['model_args']['img_size']} px, patch {cfg['model_args']['patch_size']})")
-
-
-class StepStats:
-    """A training log line's numbers, summed between log steps as device tensors (no sync per step);
-    record() reads them once and starts the next sums."""
-
-    def __init__(self):
-        self.sums, self.t0 = dict(loss=0.0, ctx=0.0, tgt=0.0, std=0.0, n=0, imgs=0), time.time()
-
-    def add(self, **values):  # loss, ctx, tgt, std: averaged; imgs: summed (images per second)
-        for k, v in values.items():
-            self.sums[k] += v
-        self.sums["n"] += 1
-
-    def record(self, step, skipped, **extra):
-        """-> (the log.jsonl record, the log line)."""
-        s, n, now = self.sums, max(self.sums["n"], 1), time.time()
-        r = dict(type="train", step=step, loss=float(s["loss"]) / n, lr=extra.pop("lr"),
-                 wd=extra.pop("wd"), ema=extra.pop("ema"), grad_norm=float(extra.pop("grad_norm")),
-                 img_per_s=float(s["imgs"]) / (now - self.t0), ctx_patches=float(s["ctx"]) / n,
-                 tgt_patches=float(s["tgt"]) / n, target_std=float(s["std"]) / n,
-                 skipped_files=skipped, time=now, **extra)
-        self.__init__()
-        return r, (f"step {step:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
-                   f"ema {r['ema']:.4f} | gnorm {r['grad_norm']:.3f} | {r['img_per_s']:.1f} img/s | "
-                   f"ctx {r['ctx_patches']:.1f} tgt {r['tgt_patches']:.1f} | std {r['target_std']:.3f} | "
-                   f"erank {r['target_erank']:.1f} | skipped {skipped}")
-
-
-# radjepa.py's flags: each one's allowed range, and the flags that must agree (make_config calls this).
-TRAIN_RANGES = [
-    ("img_size patch width depth heads pred_width pred_depth n_targets min_ctx batch_size steps log_every "
-     "ckpt_every", "an integer >= 1", lambda v: v >= 1),
-    ("workers warmup stop_at seed", "an integer >= 0", lambda v: v >= 0),
-    ("lr start_lr final_lr wd final_wd clip", "a finite number >= 0", FINITE),
-    ("ema final_ema", "a number in [0, 1]", lambda v: 0 <= v <= 1),
-    ("crop_scale tgt_scale ctx_scale", "LO HI with 0 < LO <= HI <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
-    ("tgt_aspect", "LO HI with 0 < LO <= HI (finite)", lambda v: 0 < v[0] <= v[1] < math.inf),
-    ("device", "auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu")),
-    ("precision", "auto, bf16 or fp32", lambda v: v in ("auto", "bf16", "fp32")),
-    ("kernels", "auto, torch or triton", lambda v: v in ("auto", "torch", "triton"))]
-
-
-def check_config(c):
-    """A radjepa.Config, checked before any work: every range, then the flags that must agree."""
-    check_ranges(c, TRAIN_RANGES)
-    if c.stop_at > c.steps:
-        raise BadInput(f"--stop-at {c.stop_at} is beyond --steps {c.steps}, where the schedules end")
-    if c.img_size % c.patch:
-        raise BadInput(f"--img-size {c.img_size} is not a multiple of --patch {c.patch}")
-    if c.width % c.heads or c.pred_width % c.heads or c.width % 4 or c.pred_width % 4:
-        raise BadInput("--width and --pred-width must be multiples of --heads and of 4 (2-D sin-cos)")
-    if not 1 <= c.target_blocks <= c.depth:
-        raise BadInput(f"--target-blocks must be between 1 and --depth {c.depth}, not {c.target_blocks}")
-    return c
-
-
-def check_resume(c, given, base, arch_fields, run_fields):
-    """--resume: flags that change the weights' shapes are refused (they could not load); other flags
-    that change the run (not the where and how of run_fields) get a warning."""
-    arch = [f"--{k.replace('_', '-')} {getattr(c, k)} (checkpoint: {base.get(k)})"
-            for k in arch_fields if getattr(c, k) != base.get(k)]
-    if arch:
-        raise BadInput(f"--resume with a different architecture: {', '.join(arch)}; drop these flags or "
-                       f"use another --out")
-    if changed := sorted(k for k in given if k not in run_fields and given[k] != base.get(k)):
-        print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
-              f"uninterrupted run")
-
-
-def save_checkpoint(path, step, config, versions_, **state_dicts):
-    """A RadJEPA checkpoint, atomically: one dict (read_checkpoint reads it). A failed write keeps the
-    previous checkpoint and says so."""
-    try:
-        save_torch(path, dict(format=CHECKPOINT_FORMAT, step=step, config=config, versions=versions_,
-                              **state_dicts))
-    except BadInput as e:
-        raise BadInput(f"{e}; the previous checkpoint is kept") from None
-
-
-class Unreadable:
-    """Unreadable training files: each is named once (`say`) and counted; `limit` batches in a row with
-    no readable image means the data is bad, not unlucky: BadInput, never training on nothing."""
-
-    def __init__(self, say, data, limit=10):
-        self.files, self.empty, self.say, self.data, self.limit = set(), 0, say, data, limit
-
-    def note(self, bad, empty):
-        for err in bad:
-            if err not in self.files:
-                self.say(f"skipping {err}")
-            self.files.add(err)
-        self.empty = self.empty + 1 if empty else 0
-        if self.empty >= self.limit:
-            raise BadInput(f"{self.empty} batches in a row held no readable image ({len(self.files)} "
-                           f"distinct unreadable files, listed above); check --data {self.data}")
-
-
-def resume(path, modules, say=None):
-    """--resume: every state dict of a checked checkpoint into its module (or optimizer). -> its step."""
-    try:
-        ck = read_checkpoint(path)
-        for key, module in modules.items():
-            load_state(module, ck, key, path)
-    except BadInput as e:
-        raise BadInput(f"--resume: {e}") from None
-    if say:
-        say(f"resumed from {path} at step {ck['step']}")
-    return ck["step"]

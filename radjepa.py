@@ -5,19 +5,15 @@ Paper: "RadJEPA: Radiology Encoder for Chest X-Rays via Joint Embedding Predicti
 (arXiv 2601.15891), built on I-JEPA (Assran et al., arXiv 2301.08243). One training step:
   1. a *target encoder* (an EMA copy of the encoder, no gradients) embeds the whole image;
   2. the *encoder* sees only a large "context" block of patches, every target patch removed;
-  3. a narrow *predictor* gets the context features plus learned mask tokens at the positions of
-     4 target blocks, and predicts the target encoder's (layer-normed) features there;
+  3. a narrow *predictor* predicts the target encoder's (layer-normed) features at 4 target blocks;
   4. smooth-L1 between prediction and target; backprop; EMA the encoder into the target.
 No labels, no text, no pixels to reconstruct. Masks are drawn per image and packed (pack_masks):
 nothing is truncated to the batch minimum. Data and schedules are pure functions of the step.
 Where the rest lives: plumbing.py (files, locks, images, checks, pictures, export), kernels/
 (Triton, --kernels), eval.py (probes), data_prep.py (datasets), bench/ (measurements).
 
-Run:    python radjepa.py --data cxr/                   (images, or a data_prep.py folder)
-        python radjepa.py --data cxr/ --resume          (continue where OUT/ckpt.pt stopped)
-        torchrun --nproc_per_node=8 radjepa.py --data cxr/  (DDP: same global batch)
-        python radjepa.py export OUT/ckpt.pt OUT/timm   (the encoder as a timm model folder)
-Import: from radjepa import load_encoder, sample_masks, ViT, Predictor  (importing starts nothing)
+Run: python radjepa.py --data cxr/ [--resume] (or torchrun ... radjepa.py); --help for every flag;
+python radjepa.py export OUT/ckpt.pt DIR (a timm model). Import: from radjepa import load_encoder
 """
 import itertools
 import math
@@ -33,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 if __package__:  # installed (pip install): this is radjepa.radjepa, beside radjepa.plumbing ...
     from . import kernels, plumbing
@@ -46,7 +43,6 @@ resolve_kernels, resolve_precision = kernels.resolve_kernels, kernels.resolve_pr
 # -------------------------------------------------------------------------------------------------
 # Config: one typed dataclass; the command line is generated from it (every field is a --flag).
 
-
 def opt(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -54,8 +50,7 @@ def opt(default, help):
 @dataclass
 class Config:
     # --- data ---
-    data: str = opt("", "images (PNG/JPEG/BMP/TIFF, 8/16-bit, any tree) or a data_prep.py folder: "
-                        "then its train split only, so probes never test on pretraining images")
+    data: str = opt("", "images (PNG/JPEG/BMP/TIFF, any tree) or a data_prep.py folder (train)")
     out: str = opt("out", "output folder: ckpt.pt, log.jsonl, config.json, masks.png, loss.png")
     img_size: int = opt(224, "training resolution (square crops); a multiple of --patch")
     crop_scale: tuple = opt((0.3, 1.0), "random-resized-crop area range (no flips: laterality)")
@@ -68,8 +63,7 @@ class Config:
     heads: int = opt(12, "attention heads, encoder and predictor (set by --model unless given)")
     pred_width: int = opt(384, "predictor width: narrow, as in I-JEPA")
     pred_depth: int = opt(6, "predictor depth (set by --model unless given)")
-    target_blocks: int = opt(1, "targets: the target encoder's last block (1, I-JEPA) or the mean "
-                                "of its last K blocks (data2vec-style); layer-normed per token")
+    target_blocks: int = opt(1, "targets: mean of the target encoder's last K blocks (I-JEPA: 1)")
     # --- multi-block masking (I-JEPA's values) ---
     n_targets: int = opt(4, "target blocks per image")
     tgt_scale: tuple = opt((0.15, 0.2), "area of each target block, a fraction of the patch grid")
@@ -90,11 +84,9 @@ class Config:
     clip: float = opt(0.0, "clip the gradient norm to this (0 = off, as in I-JEPA)")
     # --- system ---
     device: str = opt("auto", "auto | cuda | cpu (auto picks cuda when available)")
-    precision: str = opt("auto", "auto | bf16 | fp32: bf16 autocast for the matmuls (residual "
-                                 "stream, norms, loss, optimizer stay fp32). auto = bf16 on CUDA "
-                                 "and on CPUs with native bf16 (~2.6x faster steps), else fp32")
-    kernels: str = opt("auto", "auto | torch | triton: attention, gather and loss. auto = "
-                               "the Triton kernels on CUDA when they import, else PyTorch")
+    precision: str = opt("auto", "auto | bf16 | fp32: bf16 autocast, matmuls only. auto = bf16 on "
+                                 "CUDA and on CPUs with native bf16 (~2.6x faster), else fp32")
+    kernels: str = opt("auto", "auto | torch | triton (kernels/); auto: Triton on CUDA, else torch")
     compile: bool = opt(False, "torch.compile encoder and predictor (dynamic shapes: lengths vary)")
     seed: int = opt(0, "seed for init, data order, augmentation and masks")
     resume: bool = opt(False, "continue from OUT/ckpt.pt: flags given override its config")
@@ -148,10 +140,9 @@ def make_config(given, base=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# The model: a Vision Transformer on *packed* tokens. Images keep different numbers of context
-# patches and target blocks differ in size, so sequences differ in length. They are concatenated
-# into one [T, D] tensor (FlashAttention's varlen layout): Linear, LayerNorm and MLP work per
-# token, so this costs them nothing; only attention must know where sequences start and end (Seqs).
+# The model: a Vision Transformer on *packed* tokens. Context sizes and target blocks differ per
+# image, so sequences differ in length; they are concatenated into one [T, D] tensor (the varlen
+# layout of FlashAttention). Per-token layers do not care; attention needs the boundaries (Seqs).
 
 class Seqs:
     """Where S packed sequences start and end. Lengths [3, 2] pack the tokens a0 a1 a2 b0 b1:
@@ -159,27 +150,21 @@ class Seqs:
       slot  = [0, 1, 2, 3, 4]    [T] each token's place in a padded [S, Lmax] batch (b0 -> 1*3+0)
       valid = [[1, 1, 1],        [S, Lmax] real slots; the padding slot (1, 2) is masked out
                [1, 1, 0]]
-    attention_torch pads with slot/valid; the Triton kernel reads cu only (slot is not built then).
-    Built from CPU lengths and copied to the device without a sync."""
+    attention_torch pads with slot/valid; Triton reads cu only. Built from CPU lengths: no sync."""
 
     def __init__(self, lengths, device):
         self.lengths = lengths.tolist() if torch.is_tensor(lengths) else [int(n) for n in lengths]
         self.n, self.max_len = len(self.lengths), max(self.lengths)
+        pin = torch.device(device).type == "cuda"  # then copied pinned, non-blocking: no waiting
+        def to_device(t): return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
         cu = torch.tensor([0] + list(itertools.accumulate(self.lengths)))  # [S+1]
-        self.cu = to_device(cu.to(torch.int32), device)  # (pinned, non-blocking on CUDA)
+        self.cu = to_device(cu.to(torch.int32))
         self.uniform = min(self.lengths) == self.max_len  # all equal: a reshape will do
         if not self.uniform and OPS["attention"] is attention_torch:
             j, lens, T = torch.arange(self.max_len), torch.tensor(self.lengths), sum(self.lengths)
-            self.valid = to_device(j[None, :] < lens[:, None], device)  # [S, Lmax]
+            self.valid = to_device(j[None, :] < lens[:, None])  # [S, Lmax]
             seq = torch.repeat_interleave(torch.arange(self.n), lens, output_size=T)  # [T]
-            self.slot = to_device(seq * self.max_len + torch.arange(T) - cu[seq], device)  # [T]
-
-
-def to_device(t, device):
-    """CPU tensor -> device; on CUDA from pinned memory, non-blocking (the host does not wait)."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+            self.slot = to_device(seq * self.max_len + torch.arange(T) - cu[seq])  # [T]
 
 
 def attention_torch(q, k, v, seqs):
@@ -209,17 +194,16 @@ MEAN, STD = 0.5307, 0.2583  # chest-X-ray pixel statistics (Rad-DINO's); images 
 
 
 def sincos_pos_embed(gh, gw, dim, ref=None):
-    """Fixed 2-D sin-cos position embedding of a gh x gw grid -> [gh*gw, dim] (row-major). Half the
-    channels encode the row, half the column: [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/k).
-    ref = (rh, rw), the training grid: positions are scaled to it (p = i * rh / gh), so a 16x16
-    grid of a film gets the codes learned at 8x8, between them, not positions 8..15 never seen."""
+    """Fixed 2-D sin-cos position embedding of a gh x gw grid -> [gh*gw, dim] (row-major): half the
+    channels encode the row, half the column, [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/k). ref: the
+    training grid; positions are scaled to it (p = i * rh / gh), so a 16x16 grid of a film gets the
+    codes learned at 8x8, between them, not positions 8..15 never seen."""
     k = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float64) / k)  # [k]
+    w = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float64) / k)  # [k] the frequencies w_i
     sh, sw = (ref[0] / gh, ref[1] / gw) if ref else (1.0, 1.0)
     rows, cols = torch.meshgrid(torch.arange(gh) * sh, torch.arange(gw) * sw, indexing="ij")
-    def enc(p): return torch.cat([torch.sin(p.reshape(-1, 1) * omega),
-                                  torch.cos(p.reshape(-1, 1) * omega)], 1)
-    return torch.cat([enc(rows.double()), enc(cols.double())], 1).float()  # [N, dim]
+    def enc(p): return torch.cat([torch.sin(p[:, None] * w), torch.cos(p[:, None] * w)], 1)
+    return torch.cat([enc(rows.flatten().double()), enc(cols.flatten().double())], 1).float()
 
 
 class Attention(nn.Module):
@@ -288,10 +272,9 @@ class ViT(nn.Module):
         keep=None: tokens [B, N, D] of every patch (N = H/p * W/p, row-major), or with
                    n_last_blocks=k the last k blocks' outputs, each through the final norm (probes);
         keep=[T]:  only these patches (flat indices into B*N, packed as `seqs` says): [T, D]."""
-        B, p = x.shape[0], self.patch_size
-        if x.shape[-1] % p or x.shape[-2] % p:  # the conv would silently drop the remainder
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch "
-                             f"size {p}")
+        (B, _, H, W), p = x.shape, self.patch_size
+        if H % p or W % p:  # the conv would silently drop the remainder
+            raise ValueError(f"image size {(H, W)} is not a multiple of the patch size {p}")
         x = self.patch_embed((x - MEAN) / STD)  # [B, D, gh, gw]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
@@ -314,11 +297,10 @@ class ViT(nn.Module):
 
 
 class Predictor(nn.Module):
-    """A narrow ViT that predicts the target encoder's features at the target patches from the
-    context. Why narrow: it is thrown away after training, so the work should happen in the
-    encoder; its depth helps (I-JEPA, ViT-L/16, ImageNet 1%: depth 6 -> 64.0%, 12 -> 66.9%).
-    Each target block of each image is its own sequence: [the image's context tokens ; one mask
-    token per target patch (a learned vector + its position)]. B images x 4 blocks: 4B sequences."""
+    """A narrow ViT: the target encoder's features at the target patches, from the context. Narrow
+    as it is thrown away: the work should happen in the encoder; depth helps (I-JEPA, ImageNet 1%:
+    depth 6 64.0%, 12 66.9%). Each block of each image is a sequence: [the image's context ; a mask
+    token (a learned vector + position) per target patch]. B images x 4 blocks: 4B sequences."""
 
     def __init__(self, enc_width, width, depth, heads, grid):
         super().__init__()
@@ -348,13 +330,12 @@ class Predictor(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# Multi-block masking, one image at a time, a pure function of a torch.Generator.
-# Why large blocks: a 15-20% block cannot be filled in from its neighbours' texture; it must be
-# inferred from the anatomy around it. Why one big context (85-100% of the image, minus the
-# targets): it must hold enough to infer them. I-JEPA (ViT-B/16, ImageNet 1%): multi-block 54.2%
-# vs one 60% block 20.2, random patches 17.6. Fixes to the official sampler: scale and aspect are
-# independent draws; block starts are inclusive (every row and column can be context and target);
-# sizes are per image.
+# Multi-block masking, one image at a time, a pure function of a torch.Generator. Why large blocks:
+# a 15-20% block cannot be filled in from its neighbours' texture, only inferred from the anatomy
+# around it; one big context (85-100% of the image, minus the targets) holds enough to infer them.
+# I-JEPA (ViT-B/16, ImageNet 1%): multi-block 54.2% vs one 60% block 20.2, random patches 17.6.
+# Fixes to the official sampler: scale and aspect are independent draws; block starts are
+# inclusive (every row and column can be context and target); sizes are per image.
 
 def _block(gen, gh, gw, scale, aspect):
     """A random rectangle: area ~ U(scale) * gh*gw, height/width ~ U(aspect). -> bool [gh, gw]."""
@@ -397,13 +378,13 @@ class Batch:
     tgt_len: torch.Tensor    # [B*M]    patches per target block             (CPU, always)
     pred_len: torch.Tensor   # [B*M]    length of each predictor sequence    (CPU, always)
     bad: list = field(default_factory=list)  # unreadable files in this batch (skipped, logged)
-    stand_in: bool = False   # DDP: stands in for a share without a readable image; weighs nothing
+    stand_in: bool = False   # no readable image: a blank stand-in, skipped (DDP: run, weight 0)
     ctx_seqs: Seqs = None
     pred_seqs: Seqs = None
 
     def to(self, device):
-        idx = {k: t if t is None else t.to(device, non_blocking=True) for k, t in self.__dict__.items()
-               if k in ("imgs", "ctx_idx", "tgt_idx", "pred_idx", "pred_out")}
+        idx = {k: getattr(self, k) for k in ("imgs", "ctx_idx", "tgt_idx", "pred_idx", "pred_out")}
+        idx = {k: t if t is None else t.to(device, non_blocking=True) for k, t in idx.items()}
         return Batch(**{**self.__dict__, **idx, "ctx_seqs": Seqs(self.ctx_len, device),
                         "pred_seqs": Seqs(self.pred_len, device)})
 
@@ -464,6 +445,7 @@ def use_kernels(triton, check=None):
         OPS.update(kernels.fast_ops(torch_ops(), Seqs, check))
 
 
+# The schedules: pure functions of the step, so resuming is nothing more than "set step".
 def lr_at(step, c):  # linear warmup start_lr -> lr, then cosine lr -> final_lr
     if step < c.warmup:
         return c.start_lr + (c.lr - c.start_lr) * step / c.warmup
@@ -488,9 +470,9 @@ def target_features(target, imgs, k=1):
 @torch.no_grad()
 def ema_update(target, online, m):
     """target <- m * target + (1 - m) * online. Why: trained by the loss too, both encoders could
-    output one constant, loss 0 (collapse). The target gets no gradient and trails the encoder,
-    and the predictor makes the two branches asymmetric (as in BYOL): collapse becomes avoidable,
-    not impossible, so the log watches std and erank."""
+    output one constant, loss 0 (collapse). The target gets no gradient and trails the encoder; the
+    predictor makes the branches asymmetric (BYOL): collapse is avoidable, not impossible (the log
+    watches std and erank)."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
 
 
@@ -549,21 +531,23 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            yield [(self.image_for(step * self.B + i), step * self.B + i)
-                   for i in range(self.lo, self.hi)]
+            g0 = step * self.B
+            yield [(self.image_for(g), g) for g in range(g0 + self.lo, g0 + self.hi)]
 
     def __len__(self):
         return self.steps - self.start
 
 
 class CXRDataset(torch.utils.data.Dataset):
+    """(image index, global sample number g) -> (crop [1, S, S], None, g), or (None, why, g)."""
+
     def __init__(self, paths, cfg):
         self.paths, self.cfg = paths, cfg
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, key):  # key = (image index, global sample number)
+    def __getitem__(self, key):
         i, g = key
         try:
             img = load_image(self.paths[i])
@@ -578,11 +562,10 @@ class Collate:
     """Stack the images and draw each image's masks (in the loader workers, off the hot path)."""
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        self.cfg = cfg  # (a class, not a closure: loader workers pickle it)
 
     def masks_for(self, g):  # the masks of global sample g: a pure function of (seed, g)
-        c = self.cfg
-        gen = torch.Generator().manual_seed(sample_seed(c.seed, g, 1))
+        c, gen = self.cfg, torch.Generator().manual_seed(sample_seed(self.cfg.seed, g, 1))
         return sample_masks(gen, c.grid, c.n_targets, c.tgt_scale, c.tgt_aspect, c.ctx_scale,
                             c.min_ctx)
 
@@ -594,6 +577,13 @@ class Collate:
         b.imgs, b.stand_in = torch.stack([x for x, _ in good]), stand_in
         b.bad = [err for _, err, _ in items if err is not None]
         return b
+
+
+def make_loader(c, paths, start, end, rank=0, world=1, pin=False):
+    """This rank's batches of steps start..end-1, collated in c.workers worker processes."""
+    sampler = StepBatches(len(paths), c.batch_size, c.seed, start, end, rank, world)
+    return torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, pin_memory=pin,
+                                       collate_fn=Collate(c), num_workers=c.workers)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -616,10 +606,9 @@ def param_groups(*modules):
 
 def train_step(enc, pred, target, opt, b, m, clip=0.0, autocast=nullcontext(), check=True,
                target_blocks=1):
-    """One optimisation step on a Batch on the device (enc, pred may be DDP-wrapped). -> the loss
-    (mean over processes), grad norm, target features [B, N, D], as device tensors: nothing waits
-    for the device unless check=True, which raises FloatingPointError on a non-finite loss
-    *before* the weights change."""
+    """One optimisation step on a Batch on the device (enc, pred may be DDP-wrapped). -> loss (mean
+    over processes), grad norm, targets [B, N, D], on the device: no sync unless check=True, which
+    raises FloatingPointError on a non-finite loss *before* the weights change."""
     with autocast:
         with torch.no_grad():  # 1. targets: the EMA encoder sees the whole image; no gradients
             h = target_features(target, b.imgs, target_blocks)  # [B, N, D]
@@ -646,9 +635,8 @@ def train_step(enc, pred, target, opt, b, m, clip=0.0, autocast=nullcontext(), c
     return loss[0], gnorm, h
 
 
-CURVES = (("loss", "loss (smooth-L1, layer-normed features)"),  # loss.png: one panel each
-          ("target_std", "target_std (across the batch)"),
-          ("target_erank", "target_erank (directions used, of the width)"))
+CURVES = (("loss", "loss (smooth-L1, layer-normed features)"), ("target_std", "target_std (batch)"),
+          ("target_erank", "target_erank (directions used, of the width)"))  # loss.png's panels
 
 
 def train(c: Config):
@@ -659,12 +647,10 @@ def train(c: Config):
     encoder, predictor = build_encoder(c).to(device), build_predictor(c).to(device)
     target = build_encoder(c).to(device).requires_grad_(False)  # the EMA copy: never trained
     target.load_state_dict(encoder.state_dict())
-    opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, betas=(0.9, 0.999),
-                            fused=True)
+    opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, fused=True)  # betas .9 .999
     modules = dict(encoder=encoder, predictor=predictor, target_encoder=target, optimizer=opt)
-    step, end = 0, c.stop_at or c.steps
-    if c.resume and os.path.exists(ckpt_path):  # weights, optimizer state and the step
-        step = plumbing.resume(ckpt_path, modules, say=print if master else None)
+    end = c.stop_at or c.steps  # --resume: weights, optimizer state and the step of OUT/ckpt.pt
+    step = plumbing.resume(ckpt_path, modules, say=print if master else None) if c.resume else 0
     if step == c.steps:  # re-running a finished run changes nothing and succeeds
         print(f"{ckpt_path} is already at its last step, {step}: nothing to do")
         return encoder, predictor, target
@@ -677,38 +663,30 @@ def train(c: Config):
     precision = resolve_precision(c.precision, device, triton)  # bf16 needs no loss scaler
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
     paths = list_images(c.data, c.out)
-    sampler = StepBatches(len(paths), c.batch_size, c.seed, step, end, rank, world)
-    loader = torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler,
-                                         collate_fn=Collate(c), num_workers=c.workers,
-                                         pin_memory=device.type == "cuda")
+    loader = make_loader(c, paths, step, end, rank, world, pin=device.type == "cuda")
     if c.compile:  # in place: state_dict keys stay clean; dynamic: packed lengths vary each step
         for module in (encoder, predictor, target):
             module.compile(dynamic=True)
     enc, pred = encoder, predictor  # the raw modules are saved, never the DDP wrappers
     if ddp:  # the buffers are constant position tables: nothing to broadcast
-        ids = [device.index] if device.type == "cuda" else None
-        enc, pred = (nn.parallel.DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)
-                     for m in (enc, pred))
+        enc, pred = (nn.parallel.DistributedDataParallel(m, broadcast_buffers=False, device_ids=[
+            device.index] if device.type == "cuda" else None) for m in (enc, pred))
 
     def checkpoint(at):  # rank 0 writes it, atomically
         if master:
             plumbing.save_checkpoint(ckpt_path, at, asdict(c), plumbing.versions(),
                                      **{k: v.state_dict() for k, v in modules.items()})
 
-    n_enc, n_pred = (sum(p.numel() for p in m.parameters()) for m in (encoder, predictor))
-    if master:
+    if master:  # config.json and the log's header record; prints the run's one-line summary
+        n_enc, n_pred = (sum(p.numel() for p in m.parameters()) for m in (encoder, predictor))
         plumbing.start_log(c.out, dict(
             type="header", config=asdict(c), versions=plumbing.versions(), world=world,
-            images=len(paths), kernels="triton" if triton else "torch", precision=precision,
-            start_step=step, params_encoder=n_enc, params_predictor=n_pred))
-        print(f"RadJEPA | {len(paths)} images | encoder {n_enc / 1e6:.1f}M, predictor "
-              f"{n_pred / 1e6:.1f}M params | {world} process(es) on {device} | kernels: "
-              f"{'triton' if triton else 'torch'} | {precision} | steps {step}->{end}")
-    from tqdm import tqdm
-    bar, stats = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True), \
-        plumbing.StepStats()
-    say = tqdm.write if master else (lambda msg: None)
-    skipped = plumbing.Unreadable(say, c.data, min(10, len(sampler)))
+            device=str(device), images=len(paths), kernels="triton" if triton else "torch",
+            precision=precision, start_step=step, end_step=end, params_encoder=n_enc,
+            params_predictor=n_pred))
+    bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True)
+    stats = plumbing.StepStats()
+    skipped = plumbing.Unreadable(tqdm.write if master else None, c.data, min(10, end - step))
     try:
         for b in loader:
             skipped.note(b.bad, b.stand_in)  # unreadable files: named once, counted; we go on
@@ -728,13 +706,13 @@ def train(c: Config):
                 step += 1
             with torch.no_grad():  # collapse: per-dimension std across the batch of pooled targets
                 std = h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
-            stats.add(loss=loss, std=std, ctx=b.ctx_len.float().mean(), tgt=b.tgt_len.float().mean(),
-                      imgs=len(b.imgs) * world)  # device tensors: read on log steps only
+            stats.add(loss=loss, std=std, ctx=b.ctx_len.float().mean(), imgs=len(b.imgs) * world,
+                      tgt=b.tgt_len.float().mean())  # device tensors: read on log steps only
             bar.update(1)
             if master and (step % c.log_every == 0 or step == end):
                 erank = effective_rank(h.reshape(-1, h.shape[-1])[:4096])  # <= 4096 target tokens
-                record, line = stats.record(step, len(skipped.files), lr=lr, wd=wd, ema=m, grad_norm=gnorm,
-                                            target_erank=erank)
+                record, line = stats.record(step, len(skipped.files), lr=lr, wd=wd, ema=m,
+                                            grad_norm=gnorm, target_erank=erank)
                 plumbing.append_jsonl(log_path, record)
                 tqdm.write(line)
             if step % c.ckpt_every == 0:
@@ -744,8 +722,7 @@ def train(c: Config):
         raise BadInput(f"{e} at step {step}. Stopping without saving: {ckpt_path} still holds the "
                        f"last good checkpoint. Try a lower --lr, longer --warmup or --clip 1.0.")
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: checkpointing so that --resume continues from "
-              f"here") if master else None
+        print(f"\ninterrupted at step {step}: checkpointing for --resume") if master else None
         checkpoint(step)
         raise
     bar.close()
@@ -759,25 +736,12 @@ def train(c: Config):
     return encoder, predictor, target
 
 
-def loader_speed(c):
-    """Images/s of the training loader alone (decode, crop, masks), no model (--bench-loader N)."""
-    paths = list_images(c.data)
-    dl = torch.utils.data.DataLoader(CXRDataset(paths, c), collate_fn=Collate(c),
-                                     num_workers=c.workers, batch_sampler=StepBatches(
-                                         len(paths), c.batch_size, c.seed, 0, c.bench_loader))
-    t0 = time.perf_counter()
-    n = sum(len(b.imgs) for b in dl if not b.stand_in)
-    return n / (time.perf_counter() - t0)
-
-
 def save_mask_picture(c, paths, png_path, n=4):
     """masks.png: n training crops with their context and target blocks, as training draws them."""
     ds, col = CXRDataset(paths, c), Collate(c)
-    items = [(x, g) for x, _, g in (ds[(i % len(paths), i)] for i in range(n)) if x is not None]
-    masks = [col.masks_for(g) for _, g in items]
-    if items:
-        plumbing.draw_masks([x[0].numpy() for x, _ in items], masks, c.patch, png_path,
-                            c.n_targets)
+    if items := [(x[0].numpy(), col.masks_for(g)) for x, _, g in (ds[(i % len(paths), i)]
+                                                             for i in range(n)) if x is not None]:
+        plumbing.draw_masks(*zip(*items), c.patch, png_path, c.n_targets)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -789,7 +753,7 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
     the baseline every probe result should be compared against. A bad checkpoint: BadInput."""
     ck = read_checkpoint(path)
     c = make_config({}, ck["config"])
-    with torch.random.fork_rng():  # seed the init without touching the caller's RNG
+    with torch.random.fork_rng():  # seeds the init, leaves the caller's RNG alone
         torch.manual_seed(seed)
         enc = build_encoder(c)
     if not random_init:
@@ -800,10 +764,7 @@ def load_encoder(path, device="cpu", random_init=False, seed=0):
 
 def export_main(argv):
     """`radjepa.py export CKPT OUT`: the EMA encoder as a timm folder (plumbing.export_timm)."""
-    def load(path):  # the same checks as eval and --resume: a bad checkpoint never exports
-        enc = load_encoder(path)
-        return read_checkpoint(path), sincos_pos_embed(*enc.ref_grid, enc.embed_dim), MEAN, STD
-    plumbing.export_cli(argv, load)
+    plumbing.export_cli(argv, load_encoder, sincos_pos_embed, MEAN, STD)
 
 
 def main(argv=None):
@@ -811,20 +772,16 @@ def main(argv=None):
     given, lock = parse_args(argv), None
     ck_path = os.path.join(given.get("out", Config.out), "ckpt.pt")
     try:
-        base = None
-        if given.get("resume") and os.path.exists(ck_path):
-            try:  # a stop point belongs to the run that stopped, not to its continuation
-                base = {**read_checkpoint(ck_path)["config"], "stop_at": 0}
-            except BadInput as e:
-                raise BadInput(f"--resume: {e}") from None
+        base = plumbing.resume_config(ck_path) if given.get("resume") else None
         c = make_config(given, base)
         if base:  # another architecture is refused; other changed flags get a warning
             plumbing.check_resume(c, given, base, ARCH_FIELDS, RUN_FIELDS)
         if not c.data:
             raise BadInput("--data is required (chest X-rays, or `python data_prep.py synthetic`)")
-        if c.bench_loader:
-            return print(f"loader: {loader_speed(c):.1f} img/s ({c.workers} workers, "
-                         f"{c.img_size} px)")
+        if c.bench_loader:  # the loader alone (decode, crop, masks), no model: the bottleneck?
+            t0, loader = time.perf_counter(), make_loader(c, list_images(c.data), 0, c.bench_loader)
+            n = sum(len(b.imgs) for b in loader if not b.stand_in) / (time.perf_counter() - t0)
+            return print(f"loader: {n:.1f} img/s ({c.workers} workers, {c.img_size} px)")
         paths = list_images(c.data, c.out)  # labels.csv and the images are checked before any work
         if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
             lock = plumbing.claim_out(c.out)

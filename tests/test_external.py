@@ -18,7 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import encoders as X  # noqa: E402
 import eval as E  # noqa: E402
+import plumbing  # noqa: E402
 import radjepa  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +29,7 @@ REQUIRED = set(filter(None, os.environ.get("RADJEPA_REQUIRE", "").split(",")))
 
 def _import_error(module):
     try:
-        E.import_transformers() if module == "transformers" else importlib.import_module(module)
+        X.import_transformers() if module == "transformers" else importlib.import_module(module)
         return None
     except Exception as e:  # ImportError, or timm's torchvision failing to load ("torchvision::nms does not exist")
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -48,11 +50,11 @@ def test_required_optional_packages_import():
 
 @needs_hf
 def test_transformers_loads_beside_our_kernels_package():
-    """transformers >= 5 imports Hugging Face's `kernels`, a name that from the repository root is ours: E.import_
+    """transformers >= 5 imports Hugging Face's `kernels`, a name that from the repository root is ours: X.import_
     transformers hides ours during the import, and afterwards `kernels` is this project's package again."""
     import kernels
     before = kernels
-    T = E.import_transformers()
+    T = X.import_transformers()
     assert hasattr(T, "AutoModel") and os.environ.get("USE_HUB_KERNELS") != "NO"
     import kernels as after
     assert after is before and os.path.dirname(after.__file__) == os.path.join(REPO, "kernels")
@@ -227,7 +229,7 @@ def test_export_cli_and_its_errors(tiny, tmp_path):
 @pytest.mark.parametrize("registers", [0, 4])
 def test_hf_adapter_drops_cls_and_registers_and_keeps_the_grid(tmp_path, registers):
     model = _hf_dinov2(tmp_path / "m", registers=registers)
-    enc = E.load_external(f"hf:{tmp_path / 'm'}")
+    enc = X.load_external(f"hf:{tmp_path / 'm'}")
     assert (enc.size, enc.grid, enc.n_prefix, enc.dim, enc.chans) == ((56, 56), 4, 1 + registers, 32, 3)
     x = torch.rand(3, 1, 64, 64)                                          # any input size: resized to the model's
     with torch.no_grad():
@@ -240,18 +242,18 @@ def test_hf_adapter_drops_cls_and_registers_and_keeps_the_grid(tmp_path, registe
     assert len(last) == 3 and all(t.shape == (3, 16, 32) for t in last)
     torch.testing.assert_close(last[-1], tok, rtol=0, atol=1e-6)          # the last one is the final output
     # random_init: same architecture, other weights, nothing read but config.json
-    rnd = E.load_external(f"hf:{tmp_path / 'm'}", random_init=True, seed=3)
+    rnd = X.load_external(f"hf:{tmp_path / 'm'}", random_init=True, seed=3)
     assert rnd.grid == 4 and not torch.allclose(rnd(x), tok)
 
 
 @needs_timm
 def test_timm_adapter_on_a_name_and_a_folder(tmp_path):
     """timm:NAME with random_init (= pretrained=False, no download) and timm:FOLDER: [B, N, D] on the right grid."""
-    enc = E.load_external("timm:vit_tiny_patch16_224", random_init=True)
+    enc = X.load_external("timm:vit_tiny_patch16_224", random_init=True)
     assert (enc.size, enc.grid, enc.n_prefix, enc.dim, enc.chans) == ((224, 224), 14, 1, 192, 3)
     assert enc(torch.rand(2, 1, 64, 64)).shape == (2, 196, 192)
     model = _timm_folder(tmp_path / "t")                                  # class token + 2 registers, 4x4 grid
-    enc = E.load_external(f"timm:{tmp_path / 't'}")
+    enc = X.load_external(f"timm:{tmp_path / 't'}")
     assert (enc.size, enc.grid, enc.n_prefix, enc.dim) == ((32, 32), 4, 3, 32)
     x = torch.rand(3, 1, 48, 48)
     with torch.no_grad():
@@ -267,7 +269,7 @@ def test_timm_adapter_on_a_name_and_a_folder(tmp_path):
 def test_timm_feature_maps_become_tokens_in_grid_order(tmp_path):
     """CNNs (NCHW maps) and Swin (NHWC maps) also give [B, h*w, C] row-major tokens; last-k works on their stages."""
     import timm
-    enc = E.load_external("timm:resnet10t", random_init=True)
+    enc = X.load_external("timm:resnet10t", random_init=True)
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         xm = torch.nn.functional.interpolate(x, size=enc.size, mode="bilinear", antialias=True, align_corners=False)
@@ -281,7 +283,7 @@ def test_timm_feature_maps_become_tokens_in_grid_order(tmp_path):
     torch.save(swin.state_dict(), tmp_path / "swin" / "pytorch_model.bin")
     (tmp_path / "swin" / "config.json").write_text(json.dumps(dict(
         architecture="swin_tiny_patch4_window7_224", model_args=args, pretrained_cfg=dict(input_size=[3, 64, 64]))))
-    enc = E.load_external(f"timm:{tmp_path / 'swin'}")
+    enc = X.load_external(f"timm:{tmp_path / 'swin'}")
     with torch.no_grad():
         want = swin.forward_features((x.expand(-1, 3, -1, -1) - enc.mean) / enc.std)  # [B, 8, 8, 32] NHWC
         tok, last = enc(x), enc(x, n_last_blocks=4)
@@ -295,14 +297,14 @@ def test_an_output_without_a_patch_grid_is_one_clear_error():
     class Pooled(nn.Module):                                  # a timm-like model whose features are already pooled
         def forward_features(self, x):
             return x.mean((2, 3))
-    with pytest.raises(E.EvalError, match="no square patch grid"):
-        E.ExternalEncoder("timm:pooled", Pooled(), (32, 32), 3, E.IMAGENET_MEAN, E.IMAGENET_STD, patch=8)
+    with pytest.raises(plumbing.BadInput, match="no square patch grid"):
+        X.ExternalEncoder("timm:pooled", Pooled(), (32, 32), 3, X.IMAGENET_MEAN, X.IMAGENET_STD, patch=8)
 
     class Tokens(nn.Module):                                  # 10 tokens: neither a 4x4 grid + prefix nor a square
         def forward_features(self, x):
             return torch.zeros(len(x), 10, 8)
-    with pytest.raises(E.EvalError, match="no square patch grid"):
-        E.ExternalEncoder("timm:odd", Tokens(), (32, 32), 3, E.IMAGENET_MEAN, E.IMAGENET_STD, patch=8)
+    with pytest.raises(plumbing.BadInput, match="no square patch grid"):
+        X.ExternalEncoder("timm:odd", Tokens(), (32, 32), 3, X.IMAGENET_MEAN, X.IMAGENET_STD, patch=8)
 
 
 def test_cache_key_of_a_local_folder_follows_its_content(tmp_path):

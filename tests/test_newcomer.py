@@ -107,7 +107,8 @@ def test_pip_install_owns_only_its_own_name_and_imports_from_another_cwd(tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == ["radjepa"]
     code = ("import os, sys, importlib.util, radjepa, radjepa.eval, radjepa.data_prep, radjepa.plumbing, "
-            "radjepa.kernels; from radjepa import load_encoder, sample_masks, ViT, Predictor; "
+            "radjepa.kernels, radjepa.encoders, radjepa.report_gen; "
+            "from radjepa import load_encoder, sample_masks, ViT, Predictor; "
             "print(radjepa.__file__, radjepa.kernels.__file__, radjepa.eval.radjepa is radjepa.radjepa); "
             "spec = importlib.util.find_spec('kernels'); print(spec and spec.origin); "
             "import transformers; from transformers import Dinov2Config; print('transformers ok')"

@@ -5,6 +5,7 @@ import csv
 import fcntl
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -570,6 +571,13 @@ def test_one_checkpoint_validator_for_export_resume_and_eval(trained, tmp_path):
     _, no_rng = bad_checkpoint(trained, tmp_path / "norng", lambda ck: ck.pop("rng", None))
     radjepa.main([str(a) for a in ["--data", data, "--out", no_rng, "--resume", "--steps", "3"] + TINY])
     assert torch.load(no_rng / "ckpt.pt", weights_only=True)["step"] == 3
+
+    def written_before_the_move(ck):  # the old checkpoints also held the global RNG states
+        ck["rng"] = dict(torch=torch.get_rng_state(), python=random.getstate())
+    _, old = bad_checkpoint(trained, tmp_path / "old", written_before_the_move)
+    assert radjepa.load_encoder(str(old / "ckpt.pt")).embed_dim == 64
+    radjepa.main([str(a) for a in ["--data", data, "--out", old, "--resume", "--steps", "3"] + TINY])
+    assert torch.load(old / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 def test_a_finished_run_is_never_silently_restarted(tmp_path):
