@@ -140,9 +140,9 @@ def make_config(given, base=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# The model: a Vision Transformer on *packed* tokens. Context sizes and target blocks differ per
-# image, so sequences differ in length; they are concatenated into one [T, D] tensor (the varlen
-# layout of FlashAttention). Per-token layers do not care; attention needs the boundaries (Seqs).
+# The model: a Vision Transformer on *packed* tokens. Per-image context sizes and target blocks
+# differ, so sequences are concatenated into one [T, D] tensor (FlashAttention's varlen layout);
+# only attention needs their boundaries (Seqs). Attention and gather run OPS (defined by the loss).
 
 class Seqs:
     """Where S packed sequences start and end. Lengths [3, 2] pack the tokens a0 a1 a2 b0 b1:
