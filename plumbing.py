@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import fields
 
@@ -508,6 +509,10 @@ def check_resume(c, given, base, arch_fields, run_fields):
     if arch:
         raise BadInput(f"--resume with a different architecture: {', '.join(arch)}; drop these flags or "
                        f"use another --out")
+    if c.batch_size != base.get("batch_size"):  # the schedules and the data order are per global batch
+        raise BadInput(f"--resume with another global batch: --batch-size {c.batch_size} (checkpoint: "
+                       f"{base.get('batch_size')}); use --accum or more processes to fit it in memory, or "
+                       f"another --out")
     if changed := sorted(k for k in given if k not in run_fields and given[k] != base.get(k)):
         print(f"warning: --resume with changed {', '.join(changed)}: the continuation will not match an "
               f"uninterrupted run")
@@ -745,3 +750,22 @@ def export_cli(argv, load_encoder, sincos_pos_embed, mean, std):
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {a.out_dir}/pytorch_model.bin and config.json ({cfg['architecture']} args, "
           f"{cfg['model_args']['img_size']} px, patch {cfg['model_args']['patch_size']})")
+
+
+def grouped(items, k):
+    """[a, b, c, d, ...] -> [a, b], [c, d], ... (k at a time: the micro-batches of one step)."""
+    group = []
+    for x in items:
+        group.append(x)
+        if len(group) == k:
+            yield group
+            group = []
+
+
+@contextmanager
+def no_sync(*ddp_modules):
+    """Gradients accumulate locally: DDP all-reduces nothing until a backward outside this block."""
+    with contextlib.ExitStack() as stack:
+        for m in ddp_modules:
+            stack.enter_context(m.no_sync())
+        yield

@@ -71,7 +71,8 @@ class Config:
     ctx_scale: tuple = opt((0.85, 1.0), "area of the context block before the targets are removed")
     min_ctx: int = opt(10, "resample an image's masks when fewer context patches remain")
     # --- optimisation: every schedule is a pure function of the step ---
-    batch_size: int = opt(128, "GLOBAL batch size (split over torchrun processes)")
+    batch_size: int = opt(128, "GLOBAL batch size (split over torchrun processes and --accum)")
+    accum: int = opt(1, "micro-batches per optimizer step: the same batch and run in less memory")
     steps: int = opt(10000, "total optimisation steps (the schedules are defined over these)")
     warmup: int = opt(500, "linear LR warmup steps, from --start-lr to --lr")
     start_lr: float = opt(2e-4, "LR at step 0")
@@ -108,7 +109,7 @@ PRESETS = {"vit_tiny": dict(width=192, depth=12, heads=3, pred_width=96, pred_de
            "vit_large": dict(width=1024, depth=24, heads=16, pred_depth=12)}
 # Fields that --resume may change without changing the run; ARCH_FIELDS fix the weights' shapes.
 RUN_FIELDS = {"data", "out", "workers", "device", "kernels", "compile", "resume", "restart",
-              "stop_at", "log_every", "ckpt_every"}
+              "stop_at", "log_every", "ckpt_every", "accum"}
 ARCH_FIELDS = ("patch", "width", "depth", "heads", "pred_width", "pred_depth")
 
 
@@ -515,12 +516,14 @@ def sample_seed(seed, g, stream):
 
 class StepBatches(torch.utils.data.Sampler):
     """Yields, for each step from `start` on, this rank's share of the global batch as (image index,
-    g) pairs, where g = step * global_batch + i is the sample's global number."""
+    g) pairs, g = step * global_batch + i the sample's global number; in `accum` micro-batches."""
 
-    def __init__(self, n_images, global_batch, seed, start, steps, rank=0, world=1):
+    def __init__(self, n_images, global_batch, seed, start, steps, rank=0, world=1, accum=1):
         self.n, self.B, self.seed, self.start, self.steps = n_images, global_batch, seed, start, \
             steps
-        self.lo, self.hi = rank * global_batch // world, (rank + 1) * global_batch // world
+        lo, hi = rank * global_batch // world, (rank + 1) * global_batch // world
+        self.parts = [(lo + k * (hi - lo) // accum, lo + (k + 1) * (hi - lo) // accum)
+                      for k in range(accum)]
         self._perm = {}
 
     def image_for(self, g):  # a fresh permutation of the dataset each epoch
@@ -531,11 +534,12 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            g0 = step * self.B
-            yield [(self.image_for(g), g) for g in range(g0 + self.lo, g0 + self.hi)]
+            for lo, hi in self.parts:
+                g0 = step * self.B
+                yield [(self.image_for(g), g) for g in range(g0 + lo, g0 + hi)]
 
     def __len__(self):
-        return self.steps - self.start
+        return (self.steps - self.start) * len(self.parts)
 
 
 class CXRDataset(torch.utils.data.Dataset):
@@ -580,8 +584,8 @@ class Collate:
 
 
 def make_loader(c, paths, start, end, rank=0, world=1, pin=False):
-    """This rank's batches of steps start..end-1, collated in c.workers worker processes."""
-    sampler = StepBatches(len(paths), c.batch_size, c.seed, start, end, rank, world)
+    """This rank's micro-batches of steps start..end-1, collated in c.workers worker processes."""
+    sampler = StepBatches(len(paths), c.batch_size, c.seed, start, end, rank, world, c.accum)
     return torch.utils.data.DataLoader(CXRDataset(paths, c), batch_sampler=sampler, pin_memory=pin,
                                        collate_fn=Collate(c), num_workers=c.workers)
 
@@ -604,27 +608,34 @@ def param_groups(*modules):
             dict(params=[p for p in ps if p.ndim < 2], wd_scale=0.0)]
 
 
-def train_step(enc, pred, target, opt, b, m, clip=0.0, autocast=nullcontext(), check=True,
+def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), check=True,
                target_blocks=1):
-    """One optimisation step on a Batch on the device (enc, pred may be DDP-wrapped). -> loss (mean
-    over processes), grad norm, targets [B, N, D], on the device: no sync unless check=True, which
-    raises FloatingPointError on a non-finite loss *before* the weights change."""
-    with autocast:
-        with torch.no_grad():  # 1. targets: the EMA encoder sees the whole image; no gradients
-            h = target_features(target, b.imgs, target_blocks)  # [B, N, D]
-        z = pred(enc(b.imgs, b.ctx_idx, b.ctx_seqs), b)  # 2. encode the context, predict targets
-        loss = OPS["loss"](z, h, b.tgt_idx)  # 3. against the layer-normed target features
-    share, ddp = 1.0, isinstance(enc, nn.parallel.DistributedDataParallel)
-    if ddp:  # weigh each process's mean by its share of target tokens: DDP's average of the
-        n = torch.tensor([0.0 if b.stand_in else float(len(b.tgt_idx))], device=loss.device)
-        n_all = n.clone()  # gradients is then the gradient of the global mean
+    """One optimisation step on this process's share of the global batch: bs, --accum micro-Batches
+    on the device (enc, pred may be DDP-wrapped). -> loss (the global mean), grad norm, targets
+    [B, N, D], on the device: no sync unless check=True, which raises FloatingPointError on a
+    non-finite loss *before* the weights change."""
+    ddp = isinstance(enc, nn.parallel.DistributedDataParallel)
+    # each micro-batch's mean loss is weighted by its share of the global batch's target tokens:
+    # the sum of the gradients (over micro-batches, then DDP's average) is the global mean's
+    n = torch.tensor([0.0 if b.stand_in else float(len(b.tgt_idx)) for b in bs],
+                     device=bs[0].tgt_idx.device)  # [K] target tokens (a stand-in weighs nothing)
+    n_all, world = n.sum().reshape(1), dist.get_world_size() if ddp else 1
+    if ddp:
         dist.all_reduce(n_all)
-        share = n * dist.get_world_size() / n_all.clamp_min(1)
+    share, total, hs = n * world / n_all.clamp_min(1), 0.0, []
     opt.zero_grad(set_to_none=True)
-    (loss * share).backward()
+    for i, b in enumerate(bs):
+        with plumbing.no_sync(enc, pred) if ddp and i < len(bs) - 1 else nullcontext():
+            with autocast:  # (DDP all-reduces the gradients in the last micro-batch's backward)
+                with torch.no_grad():  # 1. targets: the EMA encoder sees the whole image
+                    h = target_features(target, b.imgs, target_blocks)  # [B, N, D]
+                z = pred(enc(b.imgs, b.ctx_idx, b.ctx_seqs), b)  # 2. encode context, predict
+                loss = OPS["loss"](z, h, b.tgt_idx)  # 3. against the layer-normed targets
+            (loss * share[i]).backward()
+        total, hs = total + loss.detach() * share[i], hs + [h]
     params = [p for g in opt.param_groups for p in g["params"]]
     gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    loss = (loss.detach() * share).reshape(1)
+    loss = total.reshape(1)
     if ddp:
         dist.all_reduce(loss)
         loss /= dist.get_world_size()
@@ -632,7 +643,7 @@ def train_step(enc, pred, target, opt, b, m, clip=0.0, autocast=nullcontext(), c
         raise FloatingPointError(f"loss is {loss.item()}")
     opt.step()
     ema_update(target, getattr(enc, "module", enc), m)  # 4. the target follows slowly
-    return loss[0], gnorm, h
+    return loss[0], gnorm, torch.cat(hs)
 
 
 CURVES = (("loss", "loss (smooth-L1, layer-normed features)"), ("target_std", "target_std (batch)"),
@@ -688,26 +699,29 @@ def train(c: Config):
     stats = plumbing.StepStats()
     skipped = plumbing.Unreadable(tqdm.write if master else None, c.data, min(10, end - step))
     try:
-        for b in loader:
-            skipped.note(b.bad, b.stand_in)  # unreadable files: named once, counted; we go on
-            if b.stand_in and not ddp:  # nothing to learn from; DDP runs it: every process must
-                step += 1               # take part in each step's collectives
+        for bs in plumbing.grouped(loader, c.accum):  # one step: --accum micro-batches
+            skipped.note(sum((b.bad for b in bs), []), all(b.stand_in for b in bs))
+            if not ddp:  # a stand-in has nothing to learn from; DDP runs it (every process must
+                bs = [b for b in bs if not b.stand_in]  # take part in each step's collectives)
+            if not bs:
+                step += 1
                 bar.update(1)
                 continue
-            b = b.to(device)
+            bs = [b.to(device) for b in bs]
             lr, wd, m = lr_at(step, c), wd_at(step, c), ema_at(step, c)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
             check = (step + 1) % c.log_every == 0 or (step + 1) % c.ckpt_every == 0 \
                 or step + 1 == end  # the loss is read (a sync) only where it is logged or saved
             with plumbing.interrupts_held():  # Ctrl-C waits for the step and its count
-                loss, gnorm, h = train_step(enc, pred, target, opt, b, m, c.clip, autocast, check,
+                loss, gnorm, h = train_step(enc, pred, target, opt, bs, m, c.clip, autocast, check,
                                             c.target_blocks)
                 step += 1
             with torch.no_grad():  # collapse: per-dimension std across the batch of pooled targets
                 std = h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
-            stats.add(loss=loss, std=std, ctx=b.ctx_len.float().mean(), imgs=len(b.imgs) * world,
-                      tgt=b.tgt_len.float().mean())  # device tensors: read on log steps only
+            ctx, tgt = (torch.cat([getattr(b, k) for b in bs]).float().mean() for k in ("ctx_len",
+                                                                                      "tgt_len"))
+            stats.add(loss=loss, std=std, ctx=ctx, tgt=tgt, imgs=len(h) * world)  # read when logged
             bar.update(1)
             if master and (step % c.log_every == 0 or step == end):
                 erank = effective_rank(h.reshape(-1, h.shape[-1])[:4096])  # <= 4096 target tokens
