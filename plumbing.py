@@ -463,8 +463,12 @@ def parse_dataclass_flags(cls, argv, description, epilog=None, prog=None):
 
 def check_types(cls, values, where):
     """Values from a file (a checkpoint's config) must have their field's type: `lr: "abc"` is refused here in
-    one line instead of failing deep inside. ints pass for floats; lists for tuples (JSON has no tuples)."""
+    one line instead of failing deep inside. ints pass for floats; lists for tuples (JSON has no tuples).
+    Keys the dataclass does not have (a newer version's) are dropped with a warning."""
     kinds = {f.name: type(f.default) for f in fields(cls)}
+    if unknown := sorted(set(values) - set(kinds)):  # a checkpoint of a newer version
+        print(f"warning: ignoring unknown config key(s) {', '.join(unknown)}", file=sys.stderr)
+    values = {k: v for k, v in values.items() if k in kinds}
     for k, v in values.items():
         want = kinds.get(k)
         ok = (want is None or (want is bool and isinstance(v, bool))
@@ -518,22 +522,42 @@ def check_resume(c, given, base, arch_fields, run_fields):
               f"uninterrupted run")
 
 
-@contextmanager
-def interrupts_held():
-    """Ctrl-C inside the block is held until the block ends, then raised: an optimizer step, the EMA and the step
-    counter all change, or none does, so a checkpoint never holds half a step."""
-    hit = []
-    hold = (signal.getsignal(signal.SIGINT) is signal.default_int_handler
-            and threading.current_thread() is threading.main_thread())  # else Ctrl-C is not ours to hold
-    if hold:
-        signal.signal(signal.SIGINT, lambda *a: hit.append(a))
-    try:
-        yield
-    finally:
-        if hold:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-    if hit:
-        raise KeyboardInterrupt
+class Preemption:
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, timeouts and spot machines send) during training: the first
+    is noted, and the run finishes its step, checkpoints and stops in one line (`requested` rides on the
+    step's all-reduce, so every process of a torchrun job stops after the same step). A second Ctrl-C stops
+    at once. Handlers are ours only in the main thread of a process whose Ctrl-C is Python's default."""
+
+    def __init__(self):
+        self.signum, self.old = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.old = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def note(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        self.signum = self.signum or signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint", file=sys.stderr)
+
+    @property
+    def requested(self):
+        return float(self.signum > 0)
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def stop(self, step, ckpt):
+        """The one line a preempted run ends with; exit code 128 + the signal (130 Ctrl-C, 143 SIGTERM; a
+        torchrun process stopped by another's signal says SIGTERM)."""
+        signum = self.signum or signal.SIGTERM
+        print(f"{signal.Signals(signum).name} at step {step}: checkpoint {ckpt} saved; run the same "
+              f"command with --resume to continue", file=sys.stderr)
+        raise SystemExit(128 + signum)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,13 +694,15 @@ def plot_log(log_path, png_path, curves, w=720, ph=170):
     save_png(png_path, im)
 
 
-def draw_masks(crops, masks, patch, png_path, n_targets):
-    """crops: [S, S] float images in [0, 1]; masks: per crop (context indices, [target indices]) on the patch grid.
+def draw_masks(items, patch, png_path, n_targets):
+    """items: [(crop, (context indices, [target indices]))], crops [S, S] in [0, 1], indices on the patch grid.
     -> a strip of the crops (each upscaled to >= 256 px) with the context in blue and each target block in its
     own colour, a legend below."""
-    tiles, k = [], -(-256 // crops[0].shape[0])  # k: upscale factor (ceil)
-    g = crops[0].shape[0] // patch
-    for x, (ctx, tgts) in zip(crops, masks):
+    if not items:
+        return
+    tiles, k = [], -(-256 // items[0][0].shape[0])  # k: upscale factor (ceil)
+    g = items[0][0].shape[0] // patch
+    for x, (ctx, tgts) in items:
         rgb = np.repeat(np.asarray(x)[..., None] * 255, 3, -1)
         over, cover = np.zeros((g, g, 3)), np.zeros((g, g))
         for idx, color in [(ctx, LEGEND[0])] + [(t, LEGEND[1 + j % 5]) for j, t in enumerate(tgts)]:

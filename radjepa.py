@@ -7,8 +7,7 @@ Paper: "RadJEPA: Radiology Encoder for Chest X-Rays via Joint Embedding Predicti
   2. the *encoder* sees only a large "context" block of patches, every target patch removed;
   3. a narrow *predictor* predicts the target encoder's (layer-normed) features at 4 target blocks;
   4. smooth-L1 between prediction and target; backprop; EMA the encoder into the target.
-No labels, no text, no pixels to reconstruct. Masks are drawn per image and packed (pack_masks):
-nothing is truncated to the batch minimum. Data and schedules are pure functions of the step.
+No labels, no text, no pixels to reconstruct; masks are per image and packed (nothing truncated).
 Where the rest lives: plumbing.py (files, locks, images, checks, pictures, export), kernels/
 (Triton, --kernels), eval.py (probes), data_prep.py (datasets), bench/ (measurements).
 
@@ -122,12 +121,8 @@ def parse_args(argv=None):
 def make_config(given, base=None):
     """defaults <- preset of --model <- (a checkpoint's config) <- the flags given. Every value is
     checked here, before any work: a bad one is a one-line BadInput (a ValueError) naming it."""
-    cfg = asdict(Config())
-    if base:
-        if unknown := sorted(set(base) - set(cfg)):  # a checkpoint of a newer version
-            print(f"warning: ignoring unknown config key(s) {', '.join(unknown)}", file=sys.stderr)
-        known = {k: v for k, v in base.items() if k in cfg}
-        cfg.update(plumbing.check_types(Config, known, "its config"))
+    cfg = asdict(Config())  # a checkpoint's config: keys of a newer version are dropped (a warning)
+    cfg.update(plumbing.check_types(Config, base, "its config") if base else {})
     model = given.get("model", cfg["model"])
     if model not in PRESETS:
         raise BadInput(f"--model {model!r} is not one of {', '.join(PRESETS)}")
@@ -335,8 +330,7 @@ class Predictor(nn.Module):
 # a 15-20% block cannot be filled in from its neighbours' texture, only inferred from the anatomy
 # around it; one big context (85-100% of the image, minus the targets) holds enough to infer them.
 # I-JEPA (ViT-B/16, ImageNet 1%): multi-block 54.2% vs one 60% block 20.2, random patches 17.6.
-# Fixes to the official sampler: scale and aspect are independent draws; block starts are
-# inclusive (every row and column can be context and target); sizes are per image.
+# Unlike the official sampler: independent scale and aspect, inclusive starts, sizes per image.
 
 def _block(gen, gh, gw, scale, aspect):
     """A random rectangle: area ~ U(scale) * gh*gw, height/width ~ U(aspect). -> bool [gh, gw]."""
@@ -368,8 +362,8 @@ def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75
 
 @dataclass
 class Batch:
-    """A training batch: images and the packed index tensors of their masks (pack_masks), built on
-    the CPU in the loader workers; .to(device) moves them and builds the two Seqs."""
+    """Images + the packed index tensors of their masks (pack_masks, in the loader workers, on the
+    CPU); .to(device) moves them and builds the two Seqs."""
     imgs: torch.Tensor       # [B, 1, S, S] in [0, 1] (None until Collate sets it)
     ctx_idx: torch.Tensor    # [T_ctx]  flat b*N + n of every context patch (the encoder's input)
     tgt_idx: torch.Tensor    # [T_tgt]  flat b*N + n of every target patch, ordered (b, j, n)
@@ -519,8 +513,8 @@ class StepBatches(torch.utils.data.Sampler):
     g) pairs, g = step * global_batch + i the sample's global number; in `accum` micro-batches."""
 
     def __init__(self, n_images, global_batch, seed, start, steps, rank=0, world=1, accum=1):
-        self.n, self.B, self.seed, self.start, self.steps = n_images, global_batch, seed, start, \
-            steps
+        self.n, self.B, self.seed = n_images, global_batch, seed
+        self.start, self.steps = start, steps
         lo, hi = rank * global_batch // world, (rank + 1) * global_batch // world
         self.parts = [(lo + k * (hi - lo) // accum, lo + (k + 1) * (hi - lo) // accum)
                       for k in range(accum)]
@@ -597,10 +591,6 @@ def build_encoder(c):
     return ViT(c.patch, c.width, c.depth, c.heads, ref_grid=c.grid)
 
 
-def build_predictor(c):
-    return Predictor(c.width, c.pred_width, c.pred_depth, c.heads, c.grid)
-
-
 def param_groups(*modules):
     """AdamW groups: weight decay on matrices only; biases, norms, the mask token (1-D) are not."""
     ps = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -609,20 +599,20 @@ def param_groups(*modules):
 
 
 def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), check=True,
-               target_blocks=1):
-    """One optimisation step on this process's share of the global batch: bs, --accum micro-Batches
-    on the device (enc, pred may be DDP-wrapped). -> loss (the global mean), grad norm, targets
-    [B, N, D], on the device: no sync unless check=True, which raises FloatingPointError on a
-    non-finite loss *before* the weights change."""
+               target_blocks=1, stop=0.0):
+    """One step on this process's share of the global batch, bs: --accum micro-Batches on the device
+    (enc, pred may be DDP-wrapped). -> loss (global mean), grad norm, targets [B, N, D], whether any
+    process got a signal (stop); no sync unless check: a non-finite loss raises before an update."""
     ddp = isinstance(enc, nn.parallel.DistributedDataParallel)
     # each micro-batch's mean loss is weighted by its share of the global batch's target tokens:
     # the sum of the gradients (over micro-batches, then DDP's average) is the global mean's
     n = torch.tensor([0.0 if b.stand_in else float(len(b.tgt_idx)) for b in bs],
                      device=bs[0].tgt_idx.device)  # [K] target tokens (a stand-in weighs nothing)
-    n_all, world = n.sum().reshape(1), dist.get_world_size() if ddp else 1
+    n_all, world = torch.stack([n.sum(), torch.tensor(stop, device=n.device)]), 1  # [tokens, stop]
     if ddp:
         dist.all_reduce(n_all)
-    share, total, hs = n * world / n_all.clamp_min(1), 0.0, []
+        world = dist.get_world_size()
+    share, total, hs = n * world / n_all[0].clamp_min(1), 0.0, []
     opt.zero_grad(set_to_none=True)
     for i, b in enumerate(bs):
         with plumbing.no_sync(enc, pred) if ddp and i < len(bs) - 1 else nullcontext():
@@ -643,7 +633,7 @@ def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), 
         raise FloatingPointError(f"loss is {loss.item()}")
     opt.step()
     ema_update(target, getattr(enc, "module", enc), m)  # 4. the target follows slowly
-    return loss[0], gnorm, torch.cat(hs)
+    return loss[0], gnorm, torch.cat(hs), n_all[1] > 0
 
 
 CURVES = (("loss", "loss (smooth-L1, layer-normed features)"), ("target_std", "target_std (batch)"),
@@ -655,7 +645,8 @@ def train(c: Config):
     ckpt_path, log_path = os.path.join(c.out, "ckpt.pt"), os.path.join(c.out, "log.jsonl")
     master = rank == 0
     torch.manual_seed(c.seed)
-    encoder, predictor = build_encoder(c).to(device), build_predictor(c).to(device)
+    encoder = build_encoder(c).to(device)
+    predictor = Predictor(c.width, c.pred_width, c.pred_depth, c.heads, c.grid).to(device)
     target = build_encoder(c).to(device).requires_grad_(False)  # the EMA copy: never trained
     target.load_state_dict(encoder.state_dict())
     opt = torch.optim.AdamW(param_groups(encoder, predictor), lr=c.lr, fused=True)  # betas .9 .999
@@ -675,9 +666,8 @@ def train(c: Config):
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
     paths = list_images(c.data, c.out)
     loader = make_loader(c, paths, step, end, rank, world, pin=device.type == "cuda")
-    if c.compile:  # in place: state_dict keys stay clean; dynamic: packed lengths vary each step
-        for module in (encoder, predictor, target):
-            module.compile(dynamic=True)
+    for module in (encoder, predictor, target) if c.compile else ():  # in place: clean state_dict
+        module.compile(dynamic=True)  # keys; dynamic: the packed lengths vary every step
     enc, pred = encoder, predictor  # the raw modules are saved, never the DDP wrappers
     if ddp:  # the buffers are constant position tables: nothing to broadcast
         enc, pred = (nn.parallel.DistributedDataParallel(m, broadcast_buffers=False, device_ids=[
@@ -698,7 +688,7 @@ def train(c: Config):
     bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True)
     stats = plumbing.StepStats()
     skipped = plumbing.Unreadable(tqdm.write if master else None, c.data, min(10, end - step))
-    try:
+    with plumbing.Preemption() as sig:  # Ctrl-C, SIGTERM: the step ends, a checkpoint, one line
         for bs in plumbing.grouped(loader, c.accum):  # one step: --accum micro-batches
             skipped.note(sum((b.bad for b in bs), []), all(b.stand_in for b in bs))
             if not ddp:  # a stand-in has nothing to learn from; DDP runs it (every process must
@@ -713,10 +703,13 @@ def train(c: Config):
                 g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
             check = (step + 1) % c.log_every == 0 or (step + 1) % c.ckpt_every == 0 \
                 or step + 1 == end  # the loss is read (a sync) only where it is logged or saved
-            with plumbing.interrupts_held():  # Ctrl-C waits for the step and its count
-                loss, gnorm, h = train_step(enc, pred, target, opt, bs, m, c.clip, autocast, check,
-                                            c.target_blocks)
-                step += 1
+            try:
+                loss, gnorm, h, stop = train_step(enc, pred, target, opt, bs, m, c.clip, autocast,
+                                                  check, c.target_blocks, sig.requested)
+            except FloatingPointError as e:  # raised before any update: the checkpoint stays good
+                raise BadInput(f"{e} at step {step}: {ckpt_path} keeps the last good checkpoint; "
+                               f"try a lower --lr, a longer --warmup or --clip 1.0") from None
+            step += 1
             with torch.no_grad():  # collapse: per-dimension std across the batch of pooled targets
                 std = h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
             ctx, tgt = (torch.cat([getattr(b, k) for b in bs]).float().mean() for k in ("ctx_len",
@@ -731,31 +724,19 @@ def train(c: Config):
                 tqdm.write(line)
             if step % c.ckpt_every == 0:
                 checkpoint(step)
-    except FloatingPointError as e:
-        bar.close()
-        raise BadInput(f"{e} at step {step}. Stopping without saving: {ckpt_path} still holds the "
-                       f"last good checkpoint. Try a lower --lr, longer --warmup or --clip 1.0.")
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: checkpointing for --resume") if master else None
-        checkpoint(step)
-        raise
+            if bool(stop) if ddp and check else sig.signum and not ddp:  # DDP: read when all agree
+                break
     bar.close()
     checkpoint(step)
-    if master:
+    if master and step == end:
         plumbing.plot_log(log_path, os.path.join(c.out, "loss.png"), CURVES)
         print(f"done: step {step}, checkpoint {ckpt_path}")
     if ddp:  # wait for rank 0's checkpoint: a rank that tears gloo down alone can abort at exit
         dist.barrier()
         dist.destroy_process_group()
+    if step < end:  # stopped by a signal
+        sig.stop(step, ckpt_path)
     return encoder, predictor, target
-
-
-def save_mask_picture(c, paths, png_path, n=4):
-    """masks.png: n training crops with their context and target blocks, as training draws them."""
-    ds, col = CXRDataset(paths, c), Collate(c)
-    if items := [(x[0].numpy(), col.masks_for(g)) for x, _, g in (ds[(i % len(paths), i)]
-                                                             for i in range(n)) if x is not None]:
-        plumbing.draw_masks(*zip(*items), c.patch, png_path, c.n_targets)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -800,11 +781,16 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
             lock = plumbing.claim_out(c.out)
             plumbing.check_run_folder(c.out, c.resume, c.restart)
-            if not os.path.exists(os.path.join(c.out, "masks.png")):
-                save_mask_picture(c, paths, os.path.join(c.out, "masks.png"))
+            if not os.path.exists(png := os.path.join(c.out, "masks.png")):  # as training has them
+                ds, col = CXRDataset(paths, c), Collate(c)
+                crops = [ds[(i % len(paths), i)] for i in range(4)]  # (crop, why unreadable, g)
+                plumbing.draw_masks([(x[0].numpy(), col.masks_for(g)) for x, _, g in crops
+                                     if x is not None], c.patch, png, c.n_targets)
         return train(c)
     except BadInput as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, mid-step, so no checkpoint is written
+        raise SystemExit(f"stopped at once: {ck_path} keeps the last checkpoint") from None
     finally:
         if lock:
             lock.close()  # releases the lock

@@ -130,7 +130,7 @@ class RadjepaStepper:
         radjepa.use_kernels(triton)
         torch.manual_seed(seed)
         self.encoder = radjepa.build_encoder(c).to(device)
-        self.predictor = radjepa.build_predictor(c).to(device)
+        self.predictor = radjepa.Predictor(c.width, c.pred_width, c.pred_depth, c.heads, c.grid).to(device)
         self.target = radjepa.build_encoder(c).to(device).requires_grad_(False)
         self.target.load_state_dict(self.encoder.state_dict())
         self.opt = torch.optim.AdamW(radjepa.param_groups(self.encoder, self.predictor), lr=1e-4, betas=(0.9, 0.999),
@@ -162,9 +162,8 @@ class RadjepaStepper:
         b = dataclasses.replace(self.batches[self.i % len(self.batches)], imgs=self.imgs)
         self.i += 1
         b = b.to(self.device)  # per step, as in training: index copies and the two Seqs
-        loss, _, _ = self.rj.train_step(self.encoder, self.predictor, self.target, self.opt, b, 0.996, 0.0,
-                                        self.autocast, check=False)
-        return loss
+        return self.rj.train_step(self.encoder, self.predictor, self.target, self.opt, [b], 0.996, 0.0,
+                                  self.autocast, check=False)[0]  # one micro-batch (--accum 1): the loss
 
     def tokens(self):
         """Per image: context tokens encoded, target tokens per block; and the per-step lists for the FLOPs."""

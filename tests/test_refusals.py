@@ -242,22 +242,29 @@ def test_checkpoint_config_problems_in_load_encoder(trained, tmp_path, capsys):
         radjepa.load_encoder(str(out / "ckpt.pt"))
 
 
-def test_ctrl_c_between_optimizer_step_and_step_counter_resumes_exactly(tmp_path, monkeypatch):
-    """SIGINT arrives after opt.step() and before the EMA and step += 1 of step 2: the checkpoint written on Ctrl-C
-    must hold one consistent step, so interrupted + resumed == uninterrupted, bit for bit."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_mid_step_checkpoints_that_step_and_resumes_exactly(tmp_path, monkeypatch, capsys, sig):
+    """Ctrl-C (SIGINT) or SIGTERM (SLURM, timeouts, spot machines) arrives after opt.step() and before the EMA and
+    step += 1 of step 3: the step completes, the checkpoint holds it, the run ends with one line and exit code 128 +
+    the signal, and interrupted + resumed == uninterrupted, bit for bit."""
     data = images(tmp_path / "d", n=8)
     common = [str(a) for a in ["--data", data, "--steps", "5"] + TINY]
     radjepa.main(common + ["--out", str(tmp_path / "straight")])
     real, calls = radjepa.ema_update, []
 
-    def ema_with_ctrl_c(target, online, m):
+    def ema_with_signal(target, online, m):
         calls.append(m)
         if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)                            # Ctrl-C right after opt.step()
+            signal.raise_signal(sig)                                      # right after opt.step()
         real(target, online, m)
-    monkeypatch.setattr(radjepa, "ema_update", ema_with_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(radjepa, "ema_update", ema_with_signal)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         radjepa.main(common + ["--out", str(tmp_path / "split")])
+    assert e.value.code == 128 + sig
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"{signal.Signals(sig).name} at step 3: checkpoint {tmp_path / 'split' / 'ckpt.pt'} saved; " \
+                      f"run the same command with --resume to continue" and "Traceback" not in "".join(err)
     monkeypatch.setattr(radjepa, "ema_update", real)
     ck = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 3                                                 # the interrupted step completed
@@ -266,8 +273,29 @@ def test_ctrl_c_between_optimizer_step_and_step_counter_resumes_exactly(tmp_path
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
     for k in ("encoder", "predictor", "target_encoder"):
         for n, t in a[k].items():
-            assert torch.equal(t, b[k][n]), f"{k}.{n} differs after Ctrl-C + resume"
+            assert torch.equal(t, b[k][n]), f"{k}.{n} differs after the signal + resume"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_to_a_running_process_is_one_line_and_a_checkpoint(tmp_path):
+    """A real `kill -TERM` to `python radjepa.py` mid-run: exit code 143, stderr ends in one line (no traceback),
+    and the checkpoint holds the last finished step."""
+    import time
+    data, out = images(tmp_path / "d", n=8), tmp_path / "o"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "radjepa.py"), "--data", str(data), "--out", str(out),
+                          "--steps", "100000"] + TINY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(600):  # until it has trained a few steps
+        time.sleep(0.1)
+        if (out / "log.jsonl").exists() and open(out / "log.jsonl").read().count('"train"') >= 3:
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("SIGTERM at step ")
+    step = int(err.strip().splitlines()[-1].split()[3].rstrip(":"))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step >= 3
 
 
 # ---------------------------------------------------------------------------------------------------------- eval.py
