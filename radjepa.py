@@ -601,8 +601,8 @@ def param_groups(*modules):
 def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), check=True,
                target_blocks=1, stop=0.0):
     """One step on this process's share of the global batch, bs: --accum micro-Batches on the device
-    (enc, pred may be DDP-wrapped). -> loss (global mean), grad norm, targets [B, N, D], whether any
-    process got a signal (stop); no sync unless check: a non-finite loss raises before an update."""
+    (enc, pred may be DDP-wrapped). -> loss (global mean), grad norm, the last micro-batch's targets
+    [B, N, D], any process's signal (stop). No sync unless check: a non-finite loss raises first."""
     ddp = isinstance(enc, nn.parallel.DistributedDataParallel)
     # each micro-batch's mean loss is weighted by its share of the global batch's target tokens:
     # the sum of the gradients (over micro-batches, then DDP's average) is the global mean's
@@ -612,7 +612,7 @@ def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), 
     if ddp:
         dist.all_reduce(n_all)
         world = dist.get_world_size()
-    share, total, hs = n * world / n_all[0].clamp_min(1), 0.0, []
+    share, total = n * world / n_all[0].clamp_min(1), 0.0
     opt.zero_grad(set_to_none=True)
     for i, b in enumerate(bs):
         with plumbing.no_sync(enc, pred) if ddp and i < len(bs) - 1 else nullcontext():
@@ -622,7 +622,7 @@ def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), 
                 z = pred(enc(b.imgs, b.ctx_idx, b.ctx_seqs), b)  # 2. encode context, predict
                 loss = OPS["loss"](z, h, b.tgt_idx)  # 3. against the layer-normed targets
             (loss * share[i]).backward()
-        total, hs = total + loss.detach() * share[i], hs + [h]
+        total = total + loss.detach() * share[i]  # (h: the last only, to save what --accum saves)
     params = [p for g in opt.param_groups for p in g["params"]]
     gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     loss = total.reshape(1)
@@ -633,7 +633,7 @@ def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), 
         raise FloatingPointError(f"loss is {loss.item()}")
     opt.step()
     ema_update(target, getattr(enc, "module", enc), m)  # 4. the target follows slowly
-    return loss[0], gnorm, torch.cat(hs), n_all[1] > 0
+    return loss[0], gnorm, h, n_all[1] > 0
 
 
 CURVES = (("loss", "loss (smooth-L1, layer-normed features)"), ("target_std", "target_std (batch)"),
@@ -710,11 +710,11 @@ def train(c: Config):
                 raise BadInput(f"{e} at step {step}: {ckpt_path} keeps the last good checkpoint; "
                                f"try a lower --lr, a longer --warmup or --clip 1.0") from None
             step += 1
-            with torch.no_grad():  # collapse: per-dimension std across the batch of pooled targets
+            with torch.no_grad():  # collapse: per-dimension std of the pooled targets across images
                 std = h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
-            ctx, tgt = (torch.cat([getattr(b, k) for b in bs]).float().mean() for k in ("ctx_len",
-                                                                                      "tgt_len"))
-            stats.add(loss=loss, std=std, ctx=ctx, tgt=tgt, imgs=len(h) * world)  # read when logged
+            lens = [torch.cat(t).float().mean() for t in zip(*[(b.ctx_len, b.tgt_len) for b in bs])]
+            imgs = sum(len(b.imgs) for b in bs) * world  # (the sums are read when logged: no sync)
+            stats.add(loss=loss, std=std, ctx=lens[0], tgt=lens[1], imgs=imgs)
             bar.update(1)
             if master and (step % c.log_every == 0 or step == end):
                 erank = effective_rank(h.reshape(-1, h.shape[-1])[:4096])  # <= 4096 target tokens

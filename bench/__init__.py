@@ -15,6 +15,8 @@ Clone-only (not installed); run each file from the repository root:
                                                              a GPU: registers, spills, shared memory
   ablate.py          python -m bench.ablate OUT -- RECIPE    the ablation table: one factor of the recipe
                                                              changed per row, probed by eval.py
+  cost.py            python -m bench.cost --out DIR          FLOPs, GPU-hours on 1/8/64 H100s and memory by
+                                                             micro-batch and --accum (--measure: on this CPU)
 
 Each takes --smoke (or a tiny configuration) that runs on a CPU; its timings mean nothing. This file holds
 what several of them need: the --out check and the result writer.

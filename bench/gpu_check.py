@@ -18,7 +18,9 @@ when --budget seconds are spent):
                   ViT-B/16 at batch 128 and 256, ViT-B/14, official I-JEPA code (if third_party/ijepa exists)
                                                                              -> train_bench.json, train_bench.md
 Also written: gpu_check.md (summary of all parts) and gpu_check.log (everything printed). 7 files, no sub-folders.
-Nothing here aborts on a failed part: a failure is recorded and the next part runs.
+Nothing here aborts on a failed part: a failure is recorded and the next part runs. The last line names every
+failure (a part not ok, a kernel case not correct, a train_bench row not ok); with --strict (CI) any failure makes
+the exit status 1, else it is 0 whenever the check itself ran.
 """
 import argparse
 import json
@@ -49,8 +51,9 @@ class Log:
     def __init__(self, path, cap=400_000):
         self.path, self.cap, self.parts = path, cap, []
 
-    def __call__(self, msg):
-        print(msg, flush=True)
+    def __call__(self, msg, echo=True):
+        if echo:  # echo=False: already printed as it streamed
+            print(msg, flush=True)
         self.parts.append(msg)
         self.flush()
 
@@ -96,7 +99,7 @@ def run_part(name, cmd, timeout, log, cwd=ROOT, env=None):
     dt = time.time() - t0
     status = "timeout" if timed_out else "ok" if rc == 0 else "failed"
     tail = "\n".join(lines[-40:])
-    log("\n".join("   " + x for x in lines[-200:]) if lines else "   (no output)")
+    log("\n".join("   " + x for x in lines[-200:]) if lines else "   (no output)", echo=False)
     log(f"== {name}: {status} in {dt:.0f} s (rc {rc})")
     return dict(status=status, seconds=dt, rc=rc, tail=tail)
 
@@ -159,12 +162,35 @@ def loss_check(args, log, deadline, tmp):
     return res
 
 
+def failures(s):
+    """Every failure of a run of the check, one short phrase each ([] = all passed): a part whose status is not
+    ok/passed, an attention case of kernels_bench.json that is not correct, a train_bench row that is not ok. (The
+    gather's bit-equality is not one: the CPU interpreter rounds bf16 toward zero, 1 ulp.)"""
+    bad = [f"{name}: {p['status']}" for name, p in s["parts"].items() if p["status"] not in ("ok", "passed")]
+    out = s["out"]
+    if s["parts"].get("kernels", {}).get("status") == "ok":
+        try:
+            kb = json.load(open(os.path.join(out, "kernels_bench.json")))
+            bad += [f"kernels: attention head dim {c['head_dim']} not correct" for c in kb["attention"]["cases"]
+                    if not c["correct"]]
+        except (OSError, ValueError, KeyError) as e:
+            bad.append(f"kernels: kernels_bench.json unreadable ({type(e).__name__})")
+    if s["parts"].get("end to end", {}).get("status") == "ok":
+        try:
+            rows = json.load(open(os.path.join(out, "train_bench.json")))["rows"]
+            bad += [f"end to end: {r['config']} {r['path']} {r['status']}" for r in rows if r["status"] != "ok"]
+        except (OSError, ValueError, KeyError) as e:
+            bad.append(f"end to end: train_bench.json unreadable ({type(e).__name__})")
+    return bad
+
+
 def summary_md(s):
     lines = [f"# GPU check, {s['date']}", "", f"machine: {s['machine']} | torch {s['torch']} | mode: {s['mode']}",
              f"command: `{s['command']}` | total {s['seconds']:.0f} s", "", "| part | status | seconds |",
              "|---|---|---:|"]
     for name, p in s["parts"].items():
         lines.append(f"| {name} | {p['status']} | {p.get('seconds', 0):.0f} |")
+    lines += ["", "failures: " + ("; ".join(s["failures"]) if s.get("failures") else "none")]
     lc = s.get("loss_check")
     if lc:
         lines += ["", f"## Loss curves: torch vs `{' '.join(lc['runs'].get('candidate', {}).get('flags', []))}`: "
@@ -204,12 +230,15 @@ def main(argv=None):
     p.add_argument("--train-bench-args", default="",
                    help="extra arguments for bench.train_bench (e.g. '--paths torch triton')")
     p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "loss", "train"], help="parts to leave out")
+    p.add_argument("--strict", action="store_true",
+                   help="exit status 1 if anything failed (a part, a kernel case, a train_bench row); for CI")
     args = p.parse_args(argv)
     args.budget = args.budget or (900 if args.smoke else 480)
     args.loss_steps = args.loss_steps or (15 if args.smoke else 50)
     args.candidate = args.candidate or ("--kernels triton" if args.smoke else "--kernels triton --compile")
-    if args.smoke and not args.train_bench_args:
-        args.train_bench_args = "--paths torch truncate official"  # the interpreted/compiled rows take minutes on CPU
+    if args.smoke and not args.train_bench_args:  # the interpreted/compiled rows take minutes on CPU; the official
+        official = os.path.exists(os.path.join(ROOT, "third_party", "ijepa", "src", "train.py"))  # code if cloned
+        args.train_bench_args = "--paths torch truncate" + (" official" if official else "")
     t0 = time.time()
     deadline = t0 + args.budget
     out = out_folder(args.out)  # a file, or a path under one: one line, before any work
@@ -257,10 +286,14 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         s["seconds"] = time.time() - t0
+        s["failures"] = failures(s)
         plumbing.write_text(os.path.join(out, "gpu_check.md"), summary_md(s))
         log(f"\ngpu_check done in {s['seconds']:.0f} s: " + ", ".join(f"{k} {v['status']}"
                                                                       for k, v in s["parts"].items()))
         log(f"files in {out}: {sorted(os.listdir(out))}")
+        log("failures: " + ("; ".join(s["failures"]) if s["failures"] else "none"))
+    if args.strict and s["failures"]:
+        raise SystemExit(f"error: gpu_check --strict: {len(s['failures'])} failure(s): " + "; ".join(s["failures"]))
     return s
 
 

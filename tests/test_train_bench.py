@@ -112,3 +112,16 @@ def test_out_on_a_file_or_under_a_file_is_one_line_before_any_work(tmp_path, mod
     assert r.stderr.strip().splitlines() == [f"error: --out {out}: cannot make it a folder "
                                              f"({'file exists' if where == 'file' else 'not a directory'})"]
     assert f.read_text() == "not a folder\n" and r.stdout == ""  # untouched; nothing ran
+
+
+def test_gpu_check_failures_name_every_failed_part_case_and_row(tmp_path):
+    """--strict exits 1 on any of these; gpu_check.md and the log's last line name each."""
+    from bench import gpu_check
+    (tmp_path / "kernels_bench.json").write_text(json.dumps({"attention": {"cases": [
+        {"head_dim": 64, "correct": False}, {"head_dim": 32, "correct": True}]}}))
+    (tmp_path / "train_bench.json").write_text(json.dumps({"rows": [
+        {"config": "smoke", "path": "torch", "status": "ok"}, {"config": "smoke", "path": "official", "status": "error"}]}))
+    s = dict(out=str(tmp_path), parts={"kernels": {"status": "ok"}, "loss curves": {"status": "failed"},
+                                       "end to end": {"status": "ok"}})
+    assert gpu_check.failures(s) == ["loss curves: failed", "kernels: attention head dim 64 not correct",
+                                     "end to end: smoke official error"]
