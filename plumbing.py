@@ -592,6 +592,8 @@ def start_log(out, header):
     print(f"RadJEPA | {h['images']} images | encoder {h['params_encoder'] / 1e6:.1f}M, predictor "
           f"{h['params_predictor'] / 1e6:.1f}M params | {h['world']} process(es) on {h['device']} | "
           f"kernels: {h['kernels']} | {h['precision']} | steps {h['start_step']}->{h['end_step']}")
+    if not h.get("objective", "").startswith("I-JEPA"):
+        print(f"objective: {h['objective']}")
 
 
 class StepStats:

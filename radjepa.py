@@ -636,8 +636,8 @@ def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), 
     return loss[0], gnorm, h, n_all[1] > 0
 
 
-CURVES = (("loss", "loss (smooth-L1, layer-normed features)"), ("target_std", "target_std (batch)"),
-          ("target_erank", "target_erank (directions used, of the width)"))  # loss.png's panels
+OBJECTIVE = "I-JEPA: smooth-L1 to the EMA target's layer-normed features"  # logged; forks rename
+CURVES = (("target_std", "target_std (batch)"), ("target_erank", "target_erank (directions used)"))
 
 
 def train(c: Config):
@@ -684,7 +684,7 @@ def train(c: Config):
             type="header", config=asdict(c), versions=plumbing.versions(), world=world,
             device=str(device), images=len(paths), kernels="triton" if triton else "torch",
             precision=precision, start_step=step, end_step=end, params_encoder=n_enc,
-            params_predictor=n_pred))
+            params_predictor=n_pred, objective=OBJECTIVE))
     bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True)
     stats = plumbing.StepStats()
     skipped = plumbing.Unreadable(tqdm.write if master else None, c.data, min(10, end - step))
@@ -701,8 +701,8 @@ def train(c: Config):
             lr, wd, m = lr_at(step, c), wd_at(step, c), ema_at(step, c)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
-            check = (step + 1) % c.log_every == 0 or (step + 1) % c.ckpt_every == 0 \
-                or step + 1 == end  # the loss is read (a sync) only where it is logged or saved
+            n = step + 1  # `check`: the loss is read (a sync) only where it is logged or saved
+            check = n == end or n % c.log_every == 0 or n % c.ckpt_every == 0
             try:
                 loss, gnorm, h, stop = train_step(enc, pred, target, opt, bs, m, c.clip, autocast,
                                                   check, c.target_blocks, sig.requested)
@@ -729,7 +729,7 @@ def train(c: Config):
     bar.close()
     checkpoint(step)
     if master and step == end:
-        plumbing.plot_log(log_path, os.path.join(c.out, "loss.png"), CURVES)
+        plumbing.plot_log(log_path, f"{c.out}/loss.png", [("loss", f"loss: {OBJECTIVE}"), *CURVES])
         print(f"done: step {step}, checkpoint {ckpt_path}")
     if ddp:  # wait for rank 0's checkpoint: a rank that tears gloo down alone can abort at exit
         dist.barrier()

@@ -160,7 +160,7 @@ def test_log_records_are_typed_and_loss_png_has_one_panel_per_curve_with_axes(ti
 def test_plot_log_reads_untyped_legacy_logs(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in [{"config": {}}] + [{"step": s, "loss": 1 / s} for s in (1, 2, 3)]))
-    radjepa.plumbing.plot_log(str(log), str(tmp_path / "loss.png"), radjepa.CURVES)
+    radjepa.plumbing.plot_log(str(log), str(tmp_path / "loss.png"), [("loss", "loss"), *radjepa.CURVES])
     assert Image.open(tmp_path / "loss.png").size == (720, 170)           # only the loss panel: the others are absent
 
 
@@ -205,6 +205,6 @@ def test_every_name_the_readme_points_to_exists():
         assert any(hasattr(m, name) for m in rooms), f"README names `{name}`, which no room defines"
     for mod in set(re.findall(r"python3? -m ((?:bench|kernels)\.[a-z_]+)", text)):
         assert os.path.isfile(os.path.join(REPO, *mod.split(".")) + ".py"), mod
-    for path in set(re.findall(r"`((?:bench|kernels|tests)/\w+\.py)`", text)):
+    for path in set(re.findall(r"`((?:bench|kernels|tests|examples)/\w+\.py)`", text)):
         assert os.path.isfile(os.path.join(REPO, path)), path
     assert "TRAINING STEP BEGIN" not in text

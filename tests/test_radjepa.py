@@ -391,6 +391,7 @@ def test_short_run_loss_falls_and_logs(tmp_path):
     radjepa.main(["--data", str(data), "--out", str(out), "--steps", "40", "--lr", "2e-3"] + TINY)
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert "config" in recs[0] and recs[0]["config"]["steps"] == 40
+    assert recs[0]["objective"] == radjepa.OBJECTIVE == json.load(open(out / "config.json"))["objective"]
     logs = [r for r in recs if "loss" in r]
     assert len(logs) == 40
     for key in ("loss", "lr", "wd", "ema", "grad_norm", "img_per_s", "ctx_patches", "tgt_patches", "target_std",

@@ -1,0 +1,155 @@
+"""
+examples/lejepa.py: a worked fork of radjepa.py, I-JEPA masking + SIGReg (LeJEPA, Balestriero & LeCun,
+arXiv 2511.08544). It imports radjepa, swaps one function (train_step) and runs radjepa.main unchanged.
+
+  python examples/lejepa.py --data DIR --out OUT [--sigreg-lambda L] [--no-ema] [radjepa.py flags]
+  python -m examples.lejepa ...   (from the repository root; --help lists radjepa.py's flags too)
+
+Why collapse happens. The predictor regresses the target encoder's features. If both branches were trained by
+that loss alone, the cheapest solution is for the encoder to output one constant for every image: the targets
+are then perfectly predictable and the loss is 0, and the features say nothing.
+
+Two ways to prevent it:
+  I-JEPA (radjepa.py): make the constant hard to reach. The target is an EMA of the encoder and gets no
+    gradient (stop-gradient), and a predictor sits between the branches (asymmetry): the encoder chases a
+    slowly moving target instead of moving both ends of the loss toward each other. It works in practice; it
+    is not a guarantee (radjepa's log watches std and erank for that reason).
+  LeJEPA: make the constant expensive. SIGReg adds a term that is small only when the embeddings, projected on
+    any direction, look like samples of N(0, 1) across the batch: an isotropic Gaussian. A constant (or any
+    low-rank cloud) is far from that along most directions, so it is penalised whatever the predictor does;
+    no EMA and no stop-gradient are then needed (LeJEPA's claim, which --no-ema tests).
+
+The two variants here (loss = smooth-L1 + L * SIGReg):
+  default      SIGReg added to I-JEPA: EMA target and stop-gradient kept (L = --sigreg-lambda, default 1).
+  --no-ema     SIGReg instead of EMA + stop-gradient: the targets come from the encoder itself, with gradients
+               through them; the EMA is skipped (the checkpoint's target_encoder is a copy of the encoder, so
+               load_encoder, eval.py and the probes read the trained encoder). --sigreg-lambda 0 with --no-ema
+               has nothing against collapse: that is the run that shows it.
+SIGReg is applied to the ONLINE encoder's output, each image's mean context token ([B, D] per micro-batch):
+the EMA target gets no gradient, so a regulariser on it would do nothing.
+
+What the fork changes: 15 new lines of code for the method (sigreg, 10; pooled, 3; the generator, 2); a copy of
+radjepa.train_step in which 12 lines are new or changed (comments "# fork:"; ~25 verbatim); main() (~25 lines)
+parses the fork's flags, swaps train_step in, sets radjepa.OBJECTIVE and hands the rest to radjepa.main.
+Under torchrun, --no-ema is refused (untested: the DDP-wrapped encoder would run twice per backward). After
+--resume the random directions restart from --seed (they are random anyway).
+"""
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+if __package__ is None or __package__ == "":  # `python examples/lejepa.py`: radjepa.py is one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plumbing  # noqa: E402
+import radjepa  # noqa: E402
+
+FORK = dict(lam=1.0, no_ema=False, n_dirs=256, seed=0, gen=None)  # set by main(); gen: made on first use
+
+
+def sigreg(z, n_dirs=256, n_knots=17, gen=None):
+    """SIGReg (LeJEPA): how far the rows of z [N, D] are from an isotropic standard Gaussian. -> a scalar >= 0.
+
+    z is projected on n_dirs random unit directions a (fresh from `gen` at every call). For each direction,
+    x = z @ a is a 1-D sample of N values; if z ~ N(0, I), then x ~ N(0, 1) exactly, whatever a. The
+    Epps-Pulley statistic compares its empirical characteristic function phi(t) = mean_j exp(i t x_j) with
+    N(0, 1)'s, exp(-t^2/2), weighted by w(t) = exp(-t^2/2):
+        EP = integral over t in [-5, 5] of |phi(t) - exp(-t^2/2)|^2 w(t) dt
+    The integrand is even in t (phi(-t) is phi(t)'s conjugate), so it is integrated on [0, 5] by the trapezoid
+    rule on n_knots knots and doubled. Nothing is standardised: a cloud of the wrong scale (std 3), a shifted
+    one or a constant is penalised. Returns the mean of EP over the directions. Cost O(N D n_dirs + N n_dirs
+    n_knots): linear in N and D (memory: the [N, n_dirs, n_knots] phases).
+
+    Not multiplied by N (the paper's test statistic is N * EP). N * EP has a null distribution that does not
+    depend on N: right for a hypothesis test. As a loss, EP itself estimates a fixed distance between
+    distributions, so one lambda means the same at any batch size, --accum and number of processes. Values:
+    a Gaussian sample scores about (1/N) * integral (1 - e^{-t^2}) e^{-t^2/2} dt = 1.06 / N (the ECF's
+    variance); a constant at 0 scores 0.41 (and more elsewhere); N(0, 3^2) about 0.51."""
+    N, D = z.shape
+    a = torch.randn(D, n_dirs, generator=gen, device=gen.device if gen is not None else z.device)
+    a = (a / a.norm(dim=0, keepdim=True)).to(z.device)  # [D, M] unit directions
+    x = z.float() @ a  # [N, M]
+    t = torch.linspace(0.0, 5.0, n_knots, device=z.device)  # [K]
+    gauss = torch.exp(-0.5 * t * t)  # [K] N(0, 1)'s characteristic function, also the weight
+    tx = x[..., None] * t  # [N, M, K]
+    err = (tx.cos().mean(0) - gauss) ** 2 + tx.sin().mean(0) ** 2  # [M, K] |phi - exp(-t^2/2)|^2
+    return 2 * torch.trapezoid(err * gauss, t, dim=-1).mean()
+
+
+def pooled(ctx, b):
+    """The encoder's packed context tokens [T_ctx, D] -> each image's mean context token [B, D]."""
+    img = torch.repeat_interleave(torch.arange(len(b.ctx_len)), b.ctx_len).to(ctx.device)  # [T_ctx]
+    s = ctx.float().new_zeros(len(b.ctx_len), ctx.shape[1]).index_add_(0, img, ctx.float())
+    return s / b.ctx_len.to(ctx.device, torch.float32)[:, None]
+
+
+def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), check=True,
+               target_blocks=1, stop=0.0):
+    """radjepa.train_step (same arguments and return values), its objective forked: lines marked "# fork:"."""
+    ddp = isinstance(enc, nn.parallel.DistributedDataParallel)
+    online = getattr(enc, "module", enc)
+    if FORK["gen"] is None:  # fork: the directions' generator, on the device, the same on every process
+        FORK["gen"] = torch.Generator(bs[0].imgs.device).manual_seed(FORK["seed"])
+    n = torch.tensor([0.0 if b.stand_in else float(len(b.tgt_idx)) for b in bs],
+                     device=bs[0].tgt_idx.device)
+    n_all, world = torch.stack([n.sum(), torch.tensor(stop, device=n.device)]), 1
+    if ddp:
+        dist.all_reduce(n_all)
+        world = dist.get_world_size()
+    share, total = n * world / n_all[0].clamp_min(1), 0.0
+    opt.zero_grad(set_to_none=True)
+    for i, b in enumerate(bs):
+        with plumbing.no_sync(enc, pred) if ddp and i < len(bs) - 1 else nullcontext():
+            with autocast:  # fork: --no-ema: the targets are the encoder's own, with gradients
+                with nullcontext() if FORK["no_ema"] else torch.no_grad():
+                    h = radjepa.target_features(online if FORK["no_ema"] else target, b.imgs, target_blocks)
+                ctx = enc(b.imgs, b.ctx_idx, b.ctx_seqs)  # fork: kept for SIGReg
+                z = pred(ctx, b)  # fork: the torch loss under --no-ema (the Triton one gives h no gradient)
+                loss = (radjepa.jepa_loss_torch if FORK["no_ema"] else radjepa.OPS["loss"])(z, h, b.tgt_idx)
+                if FORK["lam"]:  # fork: + lambda * SIGReg of each image's mean context token
+                    loss = loss + FORK["lam"] * sigreg(pooled(ctx, b), FORK["n_dirs"], gen=FORK["gen"])
+            (loss * share[i]).backward()
+        total = total + loss.detach() * share[i]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    loss = total.reshape(1)
+    if ddp:
+        dist.all_reduce(loss)
+        loss /= dist.get_world_size()
+    if check and not torch.isfinite(loss).all():
+        raise FloatingPointError(f"loss is {loss.item()}")
+    opt.step()
+    radjepa.ema_update(target, online, 0.0 if FORK["no_ema"] else m)  # fork: --no-ema: target = encoder
+    return loss[0], gnorm, h.detach(), n_all[1] > 0
+
+
+def main(argv=None):
+    """Parse the fork's flags, swap train_step in, record the objective, then radjepa.main(the rest)."""
+    p = argparse.ArgumentParser(add_help=False, prog="examples/lejepa.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sigreg-lambda", type=float, default=1.0, help="weight L of SIGReg in the loss (default 1)")
+    p.add_argument("--no-ema", action="store_true", help="SIGReg instead of the EMA target and stop-gradient")
+    p.add_argument("--sigreg-dirs", type=int, default=256, help="random directions per SIGReg call (default 256)")
+    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if "-h" in rest or "--help" in rest:
+        p.print_help()
+        print("\nThe flags of radjepa.py follow.\n")
+    if args.sigreg_lambda < 0 or args.sigreg_dirs < 1:
+        raise SystemExit("error: --sigreg-lambda must be >= 0 and --sigreg-dirs >= 1")
+    if args.no_ema and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("error: --no-ema runs the encoder twice per step, which DDP does not allow: one process")
+    if args.no_ema and not args.sigreg_lambda:
+        print("warning: --no-ema with --sigreg-lambda 0: nothing prevents collapse", file=sys.stderr)
+    FORK.update(lam=args.sigreg_lambda, no_ema=args.no_ema, n_dirs=args.sigreg_dirs, gen=None,
+                seed=radjepa.parse_args(rest).get("seed", 0))
+    radjepa.train_step = train_step
+    radjepa.OBJECTIVE = (f"fork: smooth-L1 + {args.sigreg_lambda:g}*sigreg, "  # config.json, log, loss.png
+                         f"{'no EMA/stop-grad' if args.no_ema else 'EMA target'} (examples/lejepa.py)")
+    return radjepa.main(rest)
+
+
+if __name__ == "__main__":
+    main()
