@@ -19,7 +19,7 @@ if __package__:  # installed: this file is radjepa.encoders, its sibling radjepa
 else:            # a clone: imported by eval.py from the repository root
     import plumbing
 
-EvalError = plumbing.BadInput  # eval.py prints every one as one line (its EvalError is one of them)
+BadInput = plumbing.BadInput  # eval.py prints each as one line, as it does its own errors
 EXTERNAL = ("timm:", "hf:")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -45,7 +45,7 @@ class ExternalEncoder(nn.Module):
             v = [float(a) for a in v] * (chans if len(v) == 1 else 1)
             self.register_buffer(n, torch.tensor(v).view(1, -1, 1, 1))
         if self.mean.shape[1] != chans:
-            raise EvalError(f"{spec}: mean/std have {self.mean.shape[1]} values, the model takes {chans} "
+            raise BadInput(f"{spec}: mean/std have {self.mean.shape[1]} values, the model takes {chans} "
                             "channels")
         self.requires_grad_(False)
         with torch.no_grad():                               # one blank image tells where the patch tokens are
@@ -60,7 +60,7 @@ class ExternalEncoder(nn.Module):
             elif math.isqrt(L) ** 2 == L:                  # no patch size known (or hierarchical): all tokens
                 grid = (math.isqrt(L),) * 2
         if not grid or grid[0] != grid[1] or grid[0] == 0:
-            raise EvalError(f"{spec}: its output {tuple(out.shape)} at {size[0]}x{size[1]} px has no square "
+            raise BadInput(f"{spec}: its output {tuple(out.shape)} at {size[0]}x{size[1]} px has no square "
                             "patch grid (eval.py needs per-patch tokens [B, g*g (+ up to 8 CLS/register "
                             "tokens), D])")
         self.grid, self.dim = int(grid[0]), int(out.shape[1 if out.ndim == 4 and not nhwc else -1])
@@ -115,21 +115,21 @@ def _load_timm(spec, name, random_init):
         import timm.data
     # not installed, or a torchvision built for another torch ("torchvision::nms ... not exist")
     except Exception as e:
-        raise EvalError(f"{spec} needs timm: pip install timm (and a torchvision built for torch "
+        raise BadInput(f"{spec} needs timm: pip install timm (and a torchvision built for torch "
                         f"{torch.__version__}); import failed with {_first_line(e)}")
     if os.path.isdir(name):                               # e.g. `radjepa.py export` output, or a hub snapshot
         cfg = plumbing.read_json(os.path.join(name, "config.json"))
         if not isinstance(cfg, dict) or "architecture" not in cfg:
-            raise EvalError(f"{name}: not a timm model folder (no config.json with an 'architecture')")
+            raise BadInput(f"{name}: not a timm model folder (no config.json with an 'architecture')")
         try:
             model = timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {}))
         except Exception as e:
-            raise EvalError(f"{name}/config.json does not build a timm model ({_first_line(e)})")
+            raise BadInput(f"{name}/config.json does not build a timm model ({_first_line(e)})")
         if not random_init:
             files = [os.path.join(name, f) for f in ("model.safetensors", "pytorch_model.bin")]
             w = next((f for f in files if os.path.isfile(f)), None)
             if w is None:
-                raise EvalError(f"{name}: no weights (model.safetensors or pytorch_model.bin)")
+                raise BadInput(f"{name}: no weights (model.safetensors or pytorch_model.bin)")
             try:
                 if w.endswith(".safetensors"):
                     import safetensors.torch
@@ -138,7 +138,7 @@ def _load_timm(spec, name, random_init):
                     sd = torch.load(w, map_location="cpu", weights_only=True)
                 model.load_state_dict(sd)
             except Exception as e:
-                raise EvalError(f"{w}: cannot load into {cfg['architecture']} ({_first_line(e)})")
+                raise BadInput(f"{w}: cannot load into {cfg['architecture']} ({_first_line(e)})")
         pc = {**dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD),
               **cfg.get("pretrained_cfg", {})}
     else:
@@ -146,11 +146,11 @@ def _load_timm(spec, name, random_init):
             model = timm.create_model(name, pretrained=not random_init, num_classes=0)
         except RuntimeError as e:
             if "Unknown model" in str(e):
-                raise EvalError(f"{spec}: unknown timm model name (see "
+                raise BadInput(f"{spec}: unknown timm model name (see "
                                 f"timm.list_models('*{name.split('.')[0][:8]}*'))")
-            raise EvalError(f"{spec}: {_first_line(e)}")
+            raise BadInput(f"{spec}: {_first_line(e)}")
         except Exception as e:                             # no network and no cached weights, bad hub id, ...
-            raise EvalError(f"{spec}: cannot get the pretrained weights ({_first_line(e)}); for a local copy "
+            raise BadInput(f"{spec}: cannot get the pretrained weights ({_first_line(e)}); for a local copy "
                             "pass timm:FOLDER (config.json + weights)")
         pc = timm.data.resolve_model_data_config(model)
     chans = int(pc["input_size"][0])
@@ -209,7 +209,7 @@ def _load_hf(spec, name, random_init):
     try:
         transformers = import_transformers()
     except Exception as e:
-        raise EvalError(f"{spec} needs transformers: pip install transformers (import failed with "
+        raise BadInput(f"{spec} needs transformers: pip install transformers (import failed with "
                         f"{_first_line(e)})")
     with _no_hub_kernels():
         return _load_hf_model(transformers, spec, name, random_init)
@@ -218,9 +218,9 @@ def _load_hf(spec, name, random_init):
 def _load_hf_model(transformers, spec, name, random_init):
     import inspect
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise EvalError(f"{name}: not a Hugging Face model folder (no config.json)")
+        raise BadInput(f"{name}: not a Hugging Face model folder (no config.json)")
     if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise EvalError(f"{name}: no such folder (hf: takes a local folder or a hub name like "
+        raise BadInput(f"{name}: no such folder (hf: takes a local folder or a hub name like "
                         "microsoft/rad-dino)")
     transformers.utils.logging.disable_progress_bar()          # its per-tensor loading bar; warnings stay on
     try:
@@ -228,9 +228,9 @@ def _load_hf_model(transformers, spec, name, random_init):
         model = (transformers.AutoModel.from_config(config) if random_init
                  else transformers.AutoModel.from_pretrained(name))
     except Exception as e:                             # unknown name, offline, not a model, unknown type, ...
-        raise EvalError(f"{spec}: cannot load a model ({_first_line(e)})")
+        raise BadInput(f"{spec}: cannot load a model ({_first_line(e)})")
     if "pixel_values" not in inspect.signature(model.forward).parameters:
-        raise EvalError(f"{spec}: {type(model).__name__} is not an image encoder (it takes no pixel_values)")
+        raise BadInput(f"{spec}: {type(model).__name__} is not an image encoder (it takes no pixel_values)")
     pp = _hf_file(name, "preprocessor_config.json") or {}
     size = getattr(config, "image_size", 224)
     for key in ("crop_size", "size"):                       # the model's input size, as its processor sets it
@@ -256,15 +256,15 @@ def load_external(spec, device="cpu", random_init=False, seed=0):
     kind, name = spec.split(":", 1)
     name = os.path.expanduser(name)
     if not name:
-        raise EvalError(f"{spec}: give a model name or folder after '{kind}:'")
+        raise BadInput(f"{spec}: give a model name or folder after '{kind}:'")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, size, chans, mean, std, patch, nhwc = (_load_timm if kind == "timm" else _load_hf)(spec, name,
                                                                                                   random_init)
     try:
         return ExternalEncoder(spec, model, size, chans, mean, std, patch, nhwc).to(device)
-    except EvalError:
+    except BadInput:
         raise
     except Exception as e:
-        raise EvalError(f"{spec}: a {size[0]}x{size[1]} px, {chans}-channel image does not run "
+        raise BadInput(f"{spec}: a {size[0]}x{size[1]} px, {chans}-channel image does not run "
                         f"({_first_line(e)})")

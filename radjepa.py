@@ -352,8 +352,7 @@ def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75
     for _ in range(max_tries):
         tgts = [_block(gen, gh, gw, tgt_scale, tgt_aspect) for _ in range(n_targets)]
         ctx = _block(gen, gh, gw, ctx_scale, (1.0, 1.0))
-        for t in tgts:
-            ctx &= ~t
+        ctx &= ~torch.stack(tgts).any(0)  # no target patch is ever context
         if int(ctx.sum()) >= min_ctx:
             return ctx.flatten().nonzero()[:, 0], [t.flatten().nonzero()[:, 0] for t in tgts]
     raise BadInput(f"masking: no context of >= {min_ctx} patches in {max_tries} draws on a "
@@ -362,8 +361,7 @@ def sample_masks(gen, grid, n_targets=4, tgt_scale=(0.15, 0.2), tgt_aspect=(0.75
 
 @dataclass
 class Batch:
-    """Images + the packed index tensors of their masks (pack_masks, in the loader workers, on the
-    CPU); .to(device) moves them and builds the two Seqs."""
+    """Images + their masks' packed index tensors (pack_masks, on the CPU); .to(device) + Seqs."""
     imgs: torch.Tensor       # [B, 1, S, S] in [0, 1] (None until Collate sets it)
     ctx_idx: torch.Tensor    # [T_ctx]  flat b*N + n of every context patch (the encoder's input)
     tgt_idx: torch.Tensor    # [T_tgt]  flat b*N + n of every target patch, ordered (b, j, n)
@@ -415,10 +413,9 @@ def pack_masks(masks, N):
 # Loss, EMA, schedules.
 
 def jepa_loss_torch(z, h, idx):
-    """Smooth-L1 between predictions z [R, D] and layer-normed (no affine) targets h.flat[idx].
-    Why features, not pixels: no context predicts a block's noise and texture, and a pixel loss
-    spends the model on them; the target encoder's features keep what can be predicted (anatomy,
-    layout). I-JEPA, ViT-L/16, ImageNet 1%: 66.9% with these targets, 40.7% with pixels."""
+    """Smooth-L1 between predictions z [R, D] and layer-normed (no affine) targets h.flat[idx]. Why
+    features, not pixels: no context predicts a block's noise, yet a pixel loss spends the model on
+    it; features keep what is predictable (I-JEPA ViT-L/16, ImageNet 1%: 66.9% vs pixels' 40.7%)."""
     t = F.layer_norm(h.flatten(0, 1)[idx].float(), (h.shape[-1],))  # [R, D]: only the rows needed
     return F.smooth_l1_loss(z.float(), t)
 
@@ -433,8 +430,7 @@ OPS = torch_ops()
 
 
 def use_kernels(triton, check=None):
-    """The model's ops: the torch ops, or the Triton kernels (check = dict(width=, head_dims=,
-    device=): each kernel op is compared with its torch op first)."""
+    """The torch ops, or the Triton kernels, each first checked against its torch op (check=...)."""
     OPS.update(torch_ops())
     if triton:
         OPS.update(kernels.fast_ops(torch_ops(), Seqs, check))
@@ -462,12 +458,19 @@ def target_features(target, imgs, k=1):
     return target(imgs) if k == 1 else torch.stack(target(imgs, n_last_blocks=k)).mean(0)
 
 
+def objective(enc, pred, target, b, target_blocks=1):
+    """Steps 1-3 on one micro-Batch -> (loss, targets [B, N, D]): what a fork swaps (examples/)."""
+    with torch.no_grad():  # 1. targets: the EMA encoder sees the whole image; no gradients
+        h = target_features(target, b.imgs, target_blocks)  # [B, N, D]
+    z = pred(enc(b.imgs, b.ctx_idx, b.ctx_seqs), b)  # 2. encode the context, predict the targets
+    return OPS["loss"](z, h, b.tgt_idx), h  # 3. against the layer-normed target features
+
+
 @torch.no_grad()
 def ema_update(target, online, m):
-    """target <- m * target + (1 - m) * online. Why: trained by the loss too, both encoders could
+    """4. target <- m * target + (1 - m) * online. Why: trained by the loss too, both encoders could
     output one constant, loss 0 (collapse). The target gets no gradient and trails the encoder; the
-    predictor makes the branches asymmetric (BYOL): collapse is avoidable, not impossible (the log
-    watches std and erank)."""
+    predictor makes the branches asymmetric (BYOL): collapse is avoidable, not impossible."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
 
 
@@ -606,9 +609,9 @@ def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), 
     ddp = isinstance(enc, nn.parallel.DistributedDataParallel)
     # each micro-batch's mean loss is weighted by its share of the global batch's target tokens:
     # the sum of the gradients (over micro-batches, then DDP's average) is the global mean's
-    n = torch.tensor([0.0 if b.stand_in else float(len(b.tgt_idx)) for b in bs],
-                     device=bs[0].tgt_idx.device)  # [K] target tokens (a stand-in weighs nothing)
-    n_all, world = torch.stack([n.sum(), torch.tensor(stop, device=n.device)]), 1  # [tokens, stop]
+    dev = bs[0].tgt_idx.device if ddp else "cpu"  # NCCL reduces device tensors; else no H2D copy
+    n = torch.tensor([0.0 if b.stand_in else float(len(b.tgt_idx)) for b in bs], device=dev)  # [K]
+    n_all, world = torch.stack([n.sum(), torch.tensor(stop, device=dev)]), 1  # [tokens, stop]
     if ddp:
         dist.all_reduce(n_all)
         world = dist.get_world_size()
@@ -617,10 +620,7 @@ def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), 
     for i, b in enumerate(bs):
         with plumbing.no_sync(enc, pred) if ddp and i < len(bs) - 1 else nullcontext():
             with autocast:  # (DDP all-reduces the gradients in the last micro-batch's backward)
-                with torch.no_grad():  # 1. targets: the EMA encoder sees the whole image
-                    h = target_features(target, b.imgs, target_blocks)  # [B, N, D]
-                z = pred(enc(b.imgs, b.ctx_idx, b.ctx_seqs), b)  # 2. encode context, predict
-                loss = OPS["loss"](z, h, b.tgt_idx)  # 3. against the layer-normed targets
+                loss, h = objective(enc, pred, target, b, target_blocks)
             (loss * share[i]).backward()
         total = total + loss.detach() * share[i]  # (h: the last only, to save what --accum saves)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -713,8 +713,8 @@ def train(c: Config):
             with torch.no_grad():  # collapse: per-dimension std of the pooled targets across images
                 std = h.float().mean(1).std(0).mean() if len(h) > 1 else 0.0
             lens = [torch.cat(t).float().mean() for t in zip(*[(b.ctx_len, b.tgt_len) for b in bs])]
-            imgs = sum(len(b.imgs) for b in bs) * world  # (the sums are read when logged: no sync)
-            stats.add(loss=loss, std=std, ctx=lens[0], tgt=lens[1], imgs=imgs)
+            stats.add(loss=loss, std=std, ctx=lens[0], tgt=lens[1],  # read when logged: no sync
+                      imgs=sum(len(b.imgs) for b in bs) * world)
             bar.update(1)
             if master and (step % c.log_every == 0 or step == end):
                 erank = effective_rank(h.reshape(-1, h.shape[-1])[:4096])  # <= 4096 target tokens

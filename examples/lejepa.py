@@ -1,6 +1,7 @@
 """
 examples/lejepa.py: a worked fork of radjepa.py, I-JEPA masking + SIGReg (LeJEPA, Balestriero & LeCun,
-arXiv 2511.08544). It imports radjepa, swaps one function (train_step) and runs radjepa.main unchanged.
+arXiv 2511.08544). It imports radjepa, swaps one function (radjepa.objective; with --no-ema also ema_update)
+and runs radjepa.main unchanged.
 
   python examples/lejepa.py --data DIR --out OUT [--sigreg-lambda L] [--no-ema] [radjepa.py flags]
   python -m examples.lejepa ...   (from the repository root; --help lists radjepa.py's flags too)
@@ -28,9 +29,11 @@ The two variants here (loss = smooth-L1 + L * SIGReg):
 SIGReg is applied to the ONLINE encoder's output, each image's mean context token ([B, D] per micro-batch):
 the EMA target gets no gradient, so a regulariser on it would do nothing.
 
-What the fork changes: 15 new lines of code for the method (sigreg, 10; pooled, 3; the generator, 2); a copy of
-radjepa.train_step in which 12 lines are new or changed (comments "# fork:"; ~25 verbatim); main() (~25 lines)
-parses the fork's flags, swaps train_step in, sets radjepa.OBJECTIVE and hands the rest to radjepa.main.
+What the fork changes: 13 lines of code for SIGReg (sigreg, 10; pooled, 3); objective(), radjepa.objective's
+4 lines of code rewritten as 10 (the generator, the --no-ema targets with gradients, + lambda * SIGReg);
+copy_encoder (1), radjepa.ema_update at momentum 0 for --no-ema; main() (~25 lines) parses the fork's flags,
+swaps objective (and ema_update) in, sets radjepa.OBJECTIVE and hands the rest to radjepa.main. Nothing of
+radjepa.train_step is copied: its token weighting, --accum, DDP and optimizer step run the fork unchanged.
 Under torchrun, --no-ema is refused (untested: the DDP-wrapped encoder would run twice per backward). After
 --resume the random directions restart from --seed (they are random anyway).
 """
@@ -40,12 +43,9 @@ import sys
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 
 if __package__ is None or __package__ == "":  # `python examples/lejepa.py`: radjepa.py is one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plumbing  # noqa: E402
 import radjepa  # noqa: E402
 
 FORK = dict(lam=1.0, no_ema=False, n_dirs=256, seed=0, gen=None)  # set by main(); gen: made on first use
@@ -87,48 +87,36 @@ def pooled(ctx, b):
     return s / b.ctx_len.to(ctx.device, torch.float32)[:, None]
 
 
-def train_step(enc, pred, target, opt, bs, m, clip=0.0, autocast=nullcontext(), check=True,
-               target_blocks=1, stop=0.0):
-    """radjepa.train_step (same arguments and return values), its objective forked: lines marked "# fork:"."""
-    ddp = isinstance(enc, nn.parallel.DistributedDataParallel)
+def objective(enc, pred, target, b, target_blocks=1):
+    """radjepa.objective, forked (same arguments, same (loss, targets) result): steps 1-3 of one
+    micro-batch, + lambda * SIGReg of each image's mean context token; --no-ema: the targets are the
+    encoder's own, with gradients. radjepa.train_step around it (weighting, --accum, DDP, the
+    optimizer step) is unchanged."""
     online = getattr(enc, "module", enc)
-    if FORK["gen"] is None:  # fork: the directions' generator, on the device, the same on every process
-        FORK["gen"] = torch.Generator(bs[0].imgs.device).manual_seed(FORK["seed"])
-    n = torch.tensor([0.0 if b.stand_in else float(len(b.tgt_idx)) for b in bs],
-                     device=bs[0].tgt_idx.device)
-    n_all, world = torch.stack([n.sum(), torch.tensor(stop, device=n.device)]), 1
-    if ddp:
-        dist.all_reduce(n_all)
-        world = dist.get_world_size()
-    share, total = n * world / n_all[0].clamp_min(1), 0.0
-    opt.zero_grad(set_to_none=True)
-    for i, b in enumerate(bs):
-        with plumbing.no_sync(enc, pred) if ddp and i < len(bs) - 1 else nullcontext():
-            with autocast:  # fork: --no-ema: the targets are the encoder's own, with gradients
-                with nullcontext() if FORK["no_ema"] else torch.no_grad():
-                    h = radjepa.target_features(online if FORK["no_ema"] else target, b.imgs, target_blocks)
-                ctx = enc(b.imgs, b.ctx_idx, b.ctx_seqs)  # fork: kept for SIGReg
-                z = pred(ctx, b)  # fork: the torch loss under --no-ema (the Triton one gives h no gradient)
-                loss = (radjepa.jepa_loss_torch if FORK["no_ema"] else radjepa.OPS["loss"])(z, h, b.tgt_idx)
-                if FORK["lam"]:  # fork: + lambda * SIGReg of each image's mean context token
-                    loss = loss + FORK["lam"] * sigreg(pooled(ctx, b), FORK["n_dirs"], gen=FORK["gen"])
-            (loss * share[i]).backward()
-        total = total + loss.detach() * share[i]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    loss = total.reshape(1)
-    if ddp:
-        dist.all_reduce(loss)
-        loss /= dist.get_world_size()
-    if check and not torch.isfinite(loss).all():
-        raise FloatingPointError(f"loss is {loss.item()}")
-    opt.step()
-    radjepa.ema_update(target, online, 0.0 if FORK["no_ema"] else m)  # fork: --no-ema: target = encoder
-    return loss[0], gnorm, h.detach(), n_all[1] > 0
+    if FORK["gen"] is None:  # the directions' generator, on the device, the same on every process
+        FORK["gen"] = torch.Generator(b.imgs.device).manual_seed(FORK["seed"])
+    with nullcontext() if FORK["no_ema"] else torch.no_grad():  # --no-ema: no stop-gradient
+        h = radjepa.target_features(online if FORK["no_ema"] else target, b.imgs, target_blocks)
+    ctx = enc(b.imgs, b.ctx_idx, b.ctx_seqs)  # kept for SIGReg
+    # --no-ema: the torch loss (the Triton one gives the targets no gradient and refuses one that needs it)
+    loss = (radjepa.jepa_loss_torch if FORK["no_ema"] else radjepa.OPS["loss"])(pred(ctx, b), h, b.tgt_idx)
+    if FORK["lam"]:
+        loss = loss + FORK["lam"] * sigreg(pooled(ctx, b), FORK["n_dirs"], gen=FORK["gen"])
+    return loss, h.detach()
+
+
+def copy_encoder(target, online, m):
+    """--no-ema's ema_update: the target is a copy of the encoder (momentum 0), so the checkpoint's
+    target_encoder, which load_encoder, eval.py and the probes read, is the trained encoder."""
+    EMA_UPDATE(target, online, 0.0)
+
+
+EMA_UPDATE = radjepa.ema_update
 
 
 def main(argv=None):
-    """Parse the fork's flags, swap train_step in, record the objective, then radjepa.main(the rest)."""
+    """Parse the fork's flags, swap objective (and ema_update) in, record the objective, then
+    radjepa.main(the rest)."""
     p = argparse.ArgumentParser(add_help=False, prog="examples/lejepa.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--sigreg-lambda", type=float, default=1.0, help="weight L of SIGReg in the loss (default 1)")
     p.add_argument("--no-ema", action="store_true", help="SIGReg instead of the EMA target and stop-gradient")
@@ -145,7 +133,9 @@ def main(argv=None):
         print("warning: --no-ema with --sigreg-lambda 0: nothing prevents collapse", file=sys.stderr)
     FORK.update(lam=args.sigreg_lambda, no_ema=args.no_ema, n_dirs=args.sigreg_dirs, gen=None,
                 seed=radjepa.parse_args(rest).get("seed", 0))
-    radjepa.train_step = train_step
+    radjepa.objective = objective
+    if args.no_ema:
+        radjepa.ema_update = copy_encoder
     radjepa.OBJECTIVE = (f"fork: smooth-L1 + {args.sigreg_lambda:g}*sigreg, "  # config.json, log, loss.png
                          f"{'no EMA/stop-grad' if args.no_ema else 'EMA target'} (examples/lejepa.py)")
     return radjepa.main(rest)
