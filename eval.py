@@ -101,28 +101,7 @@ class EvalError(plumbing.BadInput):
 # ------------------------------------------------------------------------------------------------------------
 # 1. Metrics (numpy, no sklearn)
 
-def ranks(s):
-    """1-based ranks of s, ties get the average of the ranks they span (the Mann-Whitney convention)."""
-    order = np.argsort(s, kind="mergesort")
-    s_sorted = s[order]
-    # boundaries of runs of equal values in the sorted array
-    starts = np.r_[0, np.flatnonzero(np.diff(s_sorted)) + 1]
-    ends = np.r_[starts[1:], len(s)]                      # run i covers sorted positions [starts[i], ends[i])
-    avg = (starts + ends + 1) / 2.0                       # mean of the 1-based ranks starts+1 .. ends
-    ranks = np.empty(len(s))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def auroc(y, s):
-    """Area under the ROC curve; None when y holds a single class (undefined, not 0.5)."""
-    y = np.asarray(y).astype(bool)
-    n_pos = int(y.sum()); n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    r = ranks(np.asarray(s, dtype=np.float64))
-    # U = (sum of positive ranks) - n_pos(n_pos+1)/2 counts the (pos, neg) pairs in order, ties as 1/2
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+ranks, auroc = plumbing.ranks, plumbing.auroc  # (plumbing: the online probe scores with them too)
 
 
 def _pr_points(y, s):
@@ -252,10 +231,16 @@ def report_texts(data, section):
     return [pick[section](*reports[k]) if k in reports else "" for k in data["keys"]]
 
 
+def progress(it, desc, leave=False, **kw):
+    """A tqdm bar on a terminal only: disable=None turns it off when stderr is not a TTY, so a log file gets the
+    log lines, not thousands of redrawn bars. Nested bars (the default) vanish when done."""
+    return tqdm(it, desc=desc, leave=leave, disable=None, dynamic_ncols=True, **kw)
+
+
 def parallel_map(fn, items, desc):
     """map() over threads: PNG decoding releases the GIL (20k images + 6 masks each: 8 cores ~8x faster)."""
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
-        return list(tqdm(ex.map(fn, items), total=len(items), desc=desc, leave=False))
+        return list(progress(ex.map(fn, items), desc, total=len(items)))
 
 
 def load_images(data):
@@ -306,7 +291,8 @@ def extract_tokens(encoder, images, size, device, batch_size=64, last4=False, de
     tokens, pooled = [], []
     # bf16 on a GPU (tokens are stored in fp16 anyway); plain fp32 on a CPU
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    for i in tqdm(range(0, len(images), batch_size), desc=desc):
+    bar = progress(None, desc, leave=True, total=len(images), unit="img")
+    for i in range(0, len(images), batch_size):
         # (B, 1, size, size)
         x = resize(images[i:i + batch_size].to(device).float().div(255).unsqueeze(1), size)
         with amp:
@@ -318,6 +304,8 @@ def extract_tokens(encoder, images, size, device, batch_size=64, last4=False, de
                 tok = encoder(x)                                         # (B, N, D)
                 pool = tok.float().mean(1)                               # (B, D)
         tokens.append(tok.half().cpu()); pooled.append(pool.float().cpu())
+        bar.update(len(x))
+    bar.close()
     return torch.cat(tokens), torch.cat(pooled)
 
 
@@ -437,15 +425,7 @@ def masked_bce(logits, y):
     return (loss * known).sum() / known.sum().clamp_min(1)
 
 
-def macro_auroc(y, scores):
-    """Mean AUROC over labels defined on these rows (for val-split model selection)."""
-    vals = []
-    for j in range(y.shape[1]):
-        k = np.isfinite(y[:, j])
-        a = auroc(y[k, j], scores[k, j])
-        if a is not None:
-            vals.append(a)
-    return float(np.mean(vals)) if vals else float("nan")
+macro_auroc = plumbing.macro_auroc
 
 
 def train_linear(x, y, l2, iters=100):
@@ -514,7 +494,7 @@ def train_loop(model, loss_fn, n, epochs, lr, wd, batch_size, seed, device, desc
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     model.train()
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
+    for _ in progress(range(epochs), desc, unit="epoch"):
         for idx in torch.randperm(n, generator=g).split(batch_size):
             loss = loss_fn(model, idx.to(device))
             opt.zero_grad(set_to_none=True)
@@ -582,7 +562,7 @@ def fit_classification(probe, feats, data, args, device, log):
         x = feats["pooled"].float() if probe == "linear" else grid_pool(feats["tokens"], args.grid)
         mu, sd = standardizer(x[tr]); x = (x - mu) / sd
         best = None
-        for l2 in tqdm(LINEAR_L2, desc=f"{probe} probe L2 grid", leave=False):
+        for l2 in progress(LINEAR_L2, f"{probe} probe L2 grid"):
             W, b = train_linear(x[tr], y[tr], l2)
             score = macro_auroc(y_val, (x[va] @ W + b).numpy())
             log(f"    {probe} l2={l2:g}: val macro AUROC {score:.4f}")
@@ -597,7 +577,7 @@ def fit_classification(probe, feats, data, args, device, log):
     get = lambda rows: (tok[rows.cpu()].to(device).float() - mu) / sd   # noqa: E731  (B, N, D)
     y_tr, trd = y[tr].to(device), tr.to(device)          # idx below indexes the train rows
     best = None
-    for lr in ATTENTIVE_LR:
+    for lr in progress(ATTENTIVE_LR, "attentive probe lr grid"):
         torch.manual_seed(args.seed)
         model = AttentiveProbe(tok.shape[2], y.shape[1], n_heads(tok.shape[2])).to(device)
         train_loop(model, lambda m, idx: masked_bce(m(get(trd[idx])), y_tr[idx]),
@@ -649,7 +629,7 @@ def fit_segmentation(feats, masks, data, args, device, log):
     prior = torch.tensor([float(masks[s][0][trn][masks[s][1][trn]].mean()) if masks[s][1][trn].any() else 0.5
                           for s in structs])
     best = None
-    for lr in SEG_LR:
+    for lr in progress(SEG_LR, f"seg head ({args.seg_head}) lr grid"):
         torch.manual_seed(args.seed)
         model = SegHead(tok.shape[2], len(structs), args.seg_head).to(device)
         model.init_bias(prior.to(device))
@@ -669,12 +649,12 @@ def fit_segmentation(feats, masks, data, args, device, log):
 # ------------------------------------------------------------------------------------------------------------
 # 6. Statistics over the test split: point estimates, bootstrap CIs, paired p-values
 
-def cls_statistics(scores, data, resamples, test_rows):
+def cls_statistics(scores, data, resamples, test_rows, desc="bootstrap"):
     """scores [n_test, L]. Per label: point AUROC/AUPRC, prevalence, CI, and the bootstrap samples (for paired
     tests). resamples index positions within the test rows."""
     y = data["labels"][test_rows]
     per_label, samples = {}, {}
-    for j, name in enumerate(data["label_names"]):
+    for j, name in progress(enumerate(data["label_names"]), desc, total=len(data["label_names"]), unit="label"):
         k = np.isfinite(y[:, j])
         yk, sk = y[:, j], scores[:, j]
         n_pos = int(np.nansum(yk[k])); n_known = int(k.sum())
@@ -704,13 +684,13 @@ def cls_statistics(scores, data, resamples, test_rows):
     return {"labels": per_label, "macro": macro}, samples
 
 
-def seg_statistics(pred, masks, structs, test_rows, resamples):
+def seg_statistics(pred, masks, structs, test_rows, resamples, desc="bootstrap"):
     """Dice per structure over the annotated test images ("dice"), and over those of them where the structure
     is present ("dice_pos"). For a finding that most images lack, "dice" is dominated by empty-vs-empty = 1 (a
     head that never predicts anything scores the share of negatives); "dice_pos" is the lesion-segmentation
     number. For anatomy that every image has (lungs, heart) the two are the same."""
     per, samples = {}, {}
-    for s in structs:
+    for s in progress(structs, desc, unit="structure"):
         gt, known = masks[s]
         d = dice_per_image(pred[s], gt[test_rows])
         k = known[test_rows]
@@ -749,8 +729,28 @@ def compare(samples_a, samples_b, stats_a, stats_b, keys):
         p = paired_p_value(samples_a[(name, metric)], samples_b[(name, metric)])
         verdict = "better" if p is not None and p < 0.05 and diff > 0 else \
             "worse" if p is not None and p < 0.05 and diff < 0 else "n.s."
-        out.setdefault(name, {})[metric] = {"diff": diff, "p": p, "verdict": verdict}
+        n = int(np.isfinite(samples_a[(name, metric)] - samples_b[(name, metric)]).sum())  # the B of the p
+        out.setdefault(name, {})[metric] = {"diff": diff, "p": p, "verdict": verdict, "resamples": n}
     return out
+
+
+def p_floor(n):
+    """The smallest p-value paired_p_value can give with n resamples: 2 / (n + 1) (no resample on the other side).
+    -> that floor rounded up to 3 decimals, the X of "p < X" (500 resamples: 2/501 = 0.00399 -> 0.004)."""
+    return math.ceil(round(2 / (n + 1) * 1000, 6)) / 1000
+
+
+def at_floor(c):
+    """c: one test of compare(). True when its p is the smallest its resamples resolve: the true p is smaller."""
+    n = c.get("resamples")
+    return bool(n) and c.get("p") is not None and c["p"] <= 2 / (n + 1) * (1 + 1e-9)
+
+
+def p_text(c):
+    """'p = 0.012', or at the floor 'p < 0.004 (the resolution of 500 resamples)' (not 'p = 0.004')."""
+    if at_floor(c):
+        return f"p < {p_floor(c['resamples']):.3f} (the resolution of {c['resamples']} resamples)"
+    return f"p = {c['p']:.3f}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -759,35 +759,86 @@ def compare(samples_a, samples_b, stats_a, stats_b, keys):
 COLORS = {"jepa": (200, 30, 30), "random": (30, 90, 200), "pixels": (120, 120, 120), "other": (20, 150, 60)}
 
 
+PROBE_WIDTH = {"linear": 1, "grid": 2, "attentive": 4}   # pr_curves.png: a line width per probe
+TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def dashed_line(d, a, b, fill, dash=6, gap=4, width=1):
+    """A dashed straight line from a to b (PIL draws none)."""
+    (xa, ya), (xb, yb) = a, b
+    n = math.hypot(xb - xa, yb - ya)
+    at = lambda t: (xa + (xb - xa) * t / n, ya + (yb - ya) * t / n)  # noqa: E731
+    t = 0.0
+    while t < n:
+        d.line([at(t), at(min(t + dash, n))], fill=fill, width=width)
+        t += dash + gap
+
+
 def draw_pr_curves(curves, label_names, path):
-    """curves: {label: [(name, probe, recall, precision)]}. A panel a label, attentive thick, linear thin."""
-    W, H, pad = 300, 260, 36
+    """curves: {label: [(name, probe, recall, precision)]}. A panel a label: precision over recall, ticks and axis
+    labels, a colour per encoder (COLORS), a line width per probe (PROBE_WIDTH), and the label's test prevalence
+    dashed: the precision of a classifier with no skill. The legend names only the encoders and probes drawn.
+    -> the legend's entries."""
+    W, H = 320, 290
     cols = min(3, max(1, len(label_names)))
     rows = math.ceil(len(label_names) / cols)
-    img = Image.new("RGB", (cols * W, rows * H + 40), "white")
+    drawn = [c for lab in label_names for c in curves.get(lab, [])]
+    # the legend: an entry per encoder and per probe drawn (in the order of COLORS and PROBE_WIDTH), the prevalence
+    names = list(dict.fromkeys([n for n in COLORS if any(c[0] == n for c in drawn)] + [c[0] for c in drawn]))
+    probes = list(dict.fromkeys([q for q in PROBE_WIDTH if any(c[1] == q for c in drawn)] + [c[1] for c in drawn]))
+    legend = [("encoder", n, n) for n in names] + [("probe", q, f"{q} probe") for q in probes] + \
+        ([("prevalence", None, "prevalence (no skill)")] if drawn else [])
+    width = cols * W
+
+    def place(d=None):                                      # flows the entries into lines; -> the lines used
+        x, y = 10, rows * H + 8
+        for kind, key, text in legend:
+            w = 30 + 7 * len(text) + 18
+            if x + w > width and x > 10:
+                x, y = 10, y + 18
+            if d is not None:
+                a, b = (x, y + 7), (x + 24, y + 7)
+                if kind == "encoder":
+                    d.line([a, b], fill=COLORS.get(key, (0, 0, 0)), width=3)
+                elif kind == "probe":
+                    d.line([a, b], fill="black", width=PROBE_WIDTH.get(key, 1))
+                else:
+                    dashed_line(d, a, b, "black")
+                d.text((x + 30, y + 1), text, fill="black")
+            x += w
+        return (y - rows * H - 8) // 18 + 1
+    img = Image.new("RGB", (width, rows * H + 14 + 18 * place()), "white")
     d = ImageDraw.Draw(img)
     for i, lab in enumerate(label_names):
         ox, oy = (i % cols) * W, (i // cols) * H
-        x0, y0, x1, y1 = ox + pad, oy + 20, ox + W - 10, oy + H - pad
-        d.rectangle([x0, y0, x1, y1], outline="black")
-        d.text((x0, oy + 4), lab, fill="black")
-        d.text((x0, y1 + 4), "0", fill="black"); d.text((x1 - 30, y1 + 4), "recall 1", fill="black")
-        d.text((ox + 4, y0), "P 1", fill="black"); d.text((ox + 4, y1 - 10), "0", fill="black")
-        for name, probe, r, p in curves.get(lab, []):
-            pts = [(x0 + float(rr) * (x1 - x0), y1 - float(pp) * (y1 - y0)) for rr, pp in zip(r, p)]
+        x0, y0, x1, y1 = ox + 46, oy + 40, ox + W - 16, oy + H - 46
+        X = lambda v: x0 + float(v) * (x1 - x0)  # noqa: E731
+        Y = lambda v: y1 - float(v) * (y1 - y0)  # noqa: E731
+        mine = curves.get(lab, [])
+        # the last point of a PR curve calls every image positive: its precision is the prevalence
+        prev = float(mine[0][3][-1]) if mine else None
+        d.text((x0, oy + 6), lab + (f"  (prevalence {prev:.2f})" if prev is not None else ""), fill="black")
+        d.text((ox + 6, oy + 24), "precision", fill="black")
+        for v in TICKS:
+            d.line([(X(v), y0), (X(v), y1)], fill=(228, 228, 228))                   # light grid
+            d.line([(x0, Y(v)), (x1, Y(v))], fill=(228, 228, 228))
+            d.line([(x0 - 4, Y(v)), (x0, Y(v))], fill="black"); d.line([(X(v), y1), (X(v), y1 + 4)], fill="black")
+            d.text((x0 - 8 - 6 * len(f"{v:g}"), Y(v) - 6), f"{v:g}", fill="black")
+            d.text((X(v) - 3 * len(f"{v:g}"), y1 + 6), f"{v:g}", fill="black")
+        d.text(((x0 + x1) / 2 - 18, y1 + 22), "recall", fill="black")
+        if prev is not None:
+            dashed_line(d, (x0, Y(prev)), (x1, Y(prev)), "black")
+        for name, probe, r, p in sorted(mine, key=lambda c: -PROBE_WIDTH.get(c[1], 1)):   # thin lines on top
+            pts = [(X(rr), Y(pp)) for rr, pp in zip(r, p)]
             step = []                                    # PR curves are step functions: draw them as steps
             for a, b in zip(pts[:-1], pts[1:]):
                 step += [a, (b[0], a[1])]
             step.append(pts[-1])
-            d.line(step, fill=COLORS.get(name, (0, 0, 0)), width=3 if probe == "attentive" else 1)
-    x = 10
-    for name, c in COLORS.items():
-        if any(n == name for v in curves.values() for n, *_ in v):
-            d.line([(x, rows * H + 20), (x + 20, rows * H + 20)], fill=c, width=3)
-            d.text((x + 24, rows * H + 14), name, fill="black")
-            x += 90
-    d.text((x + 10, rows * H + 14), "thick = attentive, thin = linear", fill="black")
+            d.line(step, fill=COLORS.get(name, (0, 0, 0)), width=PROBE_WIDTH.get(probe, 1))
+        d.rectangle([x0, y0, x1, y1], outline="black")    # the axes over the curves that run along them
+    place(d)
     plumbing.save_png(path, img)
+    return [text for _, _, text in legend]
 
 
 def gray_rgb(u8, size):
@@ -865,7 +916,9 @@ def fmt_p(c):
     if c is None:
         return "-"
     mark = {"better": " ↑", "worse": " ↓"}.get(c["verdict"], "")
-    return f"{c['p']:.3f}{mark}" if c["p"] is not None else "-"
+    if c["p"] is None:
+        return "-"
+    return (f"< {p_floor(c['resamples']):.3f}" if at_floor(c) else f"{c['p']:.3f}") + mark
 
 
 def pretraining_summary(ckpt):
@@ -879,8 +932,9 @@ def pretraining_summary(ckpt):
     if os.path.isfile(log_path):
         with open(log_path) as f:
             recs = [json.loads(line) for line in f if line.strip()]
-        train = [r for r in recs if r.get("type") == "train" or "loss" in r]
-        head = [r for r in recs if r.get("type") == "header" or "images" in r]
+        # typed records; an untyped (legacy) log's train lines have "loss", its header "images"
+        train = [r for r in recs if r.get("type", "train" if "loss" in r else None) == "train"]
+        head = [r for r in recs if r.get("type", "header" if "images" in r else None) == "header"]
         if train:
             s["loss"], s["erank"] = train[-1]["loss"], train[-1].get("target_erank")
         if head:
@@ -895,25 +949,49 @@ def too_short_text(s):
             f"{MIN_IMAGES_TO_WIN:,} (BENCHMARKS.md), so a significant win is unlikely")
 
 
+# The main encoder's effective rank below this share of random init's (the feature geometry table): the verdict
+# names dimensional collapse (BENCHMARKS.md §10: 21.8 vs 42.7 at lr 1e-3, 2.3 at 3e-3; lr 3e-4 kept 39.5).
+COLLAPSE_RATIO = 0.5
+
+
+def collapse_text(m):
+    """A sentence when the pretrained features use far fewer directions than random init's: dimensional collapse,
+    the two effective ranks and the usual cure; None otherwise (or without the feature geometry)."""
+    geo = m.get("features") or {}
+    a, b = geo.get(m["main"]), geo.get("random")
+    if not (isinstance(a, dict) and isinstance(b, dict)) or a["erank"] >= COLLAPSE_RATIO * b["erank"]:
+        return None
+    lr = ((m.get("config") or {}).get("train_config") or {}).get("lr")
+    lr = f" than this run's {lr:g}" if isinstance(lr, (int, float)) else ""
+    return (f"Its features show dimensional collapse: effective rank {a['erank']:.1f} against random init's "
+            f"{b['erank']:.1f} (of {a['dim']} dimensions), so the probes have few directions to read. A lower "
+            f"--lr{lr} helps (BENCHMARKS.md §10: at 200 steps of 64, lr 3e-4 kept random init's rank, 39.5 vs "
+            "42.7, where 1e-3 halved it and 3e-3 collapsed it to 2.3).")
+
+
 def verdict(m):
     """Did pretraining beat the reference encoder (random init unless --compare)? Wins and losses are the
-    significant (p < 0.05) differences of macro AUROC per classification probe and of Dice per structure."""
+    significant (p < 0.05) differences of macro AUROC per classification probe and of Dice per structure.
+    Features that collapsed (collapse_text) are named, with or without a win."""
     ref, wins, losses = m["compare"], [], []
+    # "(p = 0.012)", or at the bootstrap's floor ", p < 0.004 (the resolution of 500 resamples)"
+    ptxt = lambda t: f", {p_text(t)}" if at_floor(t) else f" ({p_text(t)})"  # noqa: E731
     for key, r in m.get("classification", {}).items():
         t = r.get("vs", {}).get(ref, {}).get("tests", {}).get("macro", {}).get("auroc")
         if key.startswith(m["main"] + "/") and t:
             probe = key.split("/")[1]
             b = m["classification"][f"{ref}/{probe}"]["macro"]["auroc"]
-            item = f"{probe} probe macro AUROC {r['macro']['auroc']:.3f} vs {b:.3f} (p = {t['p']:.3f})"
+            item = f"{probe} probe macro AUROC {r['macro']['auroc']:.3f} vs {b:.3f}{ptxt(t)}"
             (wins if t["verdict"] == "better" else losses if t["verdict"] == "worse" else []).append(item)
     seg = m.get("segmentation", {})
     for st, t in seg.get(m["main"], {}).get("vs", {}).get(ref, {}).items():
         if st != "mean" and t.get("dice"):
             a, b = seg[m["main"]]["dice"][st]["dice"], seg[ref]["dice"][st]["dice"]
-            item = f"{st} Dice {a:.3f} vs {b:.3f} (p = {t['dice']['p']:.3f})"
+            item = f"{st} Dice {a:.3f} vs {b:.3f}{ptxt(t['dice'])}"
             v = t["dice"]["verdict"]
             (wins if v == "better" else losses if v == "worse" else []).append(item)
     name = "random init" if ref == "random" else f"`{ref}`"
+    collapse = collapse_text(m)
     if wins:
         text = ("Pretraining helped" if not losses else "Mixed result") + \
             f": significantly better than {name} on " + "; ".join(wins) + "."
@@ -926,19 +1004,24 @@ def verdict(m):
             short = f"It is too short: {too_short_text(pt)}. " if pt["images_seen"] < MIN_IMAGES_TO_WIN \
                 else ""
             text += (f" The model ({pt['width']} wide, {pt['depth']} deep) saw {pt['images_seen']:,} images"
-                     f"{loss}. {short}`bash experiment.sh cpu` (4,000 steps of 64 on 10,000 unlabeled "
-                     "phantoms, 29 min of pretraining on 2 CPU cores) shows significant wins in both "
-                     "pretraining seeds under every probe and in segmentation (BENCHMARKS.md §11).")
+                     f"{loss}. {collapse + ' ' if collapse else ''}{short}`bash experiment.sh cpu` (4,000 steps "
+                     "of 64 on 10,000 unlabeled phantoms, 29 min of pretraining on 2 CPU cores) shows significant "
+                     "wins in both pretraining seeds under every probe and in segmentation (BENCHMARKS.md §11).")
+            collapse = None                                  # said, before the run length
+    if collapse:
+        text += " " + collapse
     if losses:
         text += f" Worse than {name} on: " + "; ".join(losses) + "."
-    return dict(helped=bool(wins), wins=wins, losses=losses, text=text)
+    return dict(helped=bool(wins), wins=wins, losses=losses, text=text, collapse=collapse_text(m) is not None)
 
 
 def make_report(m):
+    floor = f"{p_floor(m['config']['n_boot']):.3f}"           # the smallest p the bootstrap resolves
     L = ["# RadJEPA probe report", "",
          f"checkpoint `{m['config']['ckpt']}`, data `{m['config']['data']}`, {m['config']['n_boot']} "
          "bootstrap resamples over test patients, 95% percentile CIs. p = paired two-sided bootstrap p-value "
-         f"of `{m['main']}` vs the named encoder (↑ significantly better, ↓ worse, at p < 0.05).", ""]
+         f"of `{m['main']}` vs the named encoder (↑ significantly better, ↓ worse, at p < 0.05); a cell "
+         f"`< {floor}` means p < {floor} (the resolution of {m['config']['n_boot']} resamples).", ""]
     L += [f"- `{n}`: {src}" for n, src in m.get("encoders", {}).items()] + ([""] if m.get("encoders") else [])
     if m.get("status", "complete") != "complete":
         L += [f"**Partial report ({m['status']}).**", ""]
@@ -1091,6 +1174,14 @@ def parse_args(argv):
                    help="words per report: longer train reports are cut, decoding stops there")
     r.add_argument("--report-min-count", type=int, default=2,
                    help="train words seen fewer times become <unk>")
+    r.add_argument("--report-prefix", default="tokens", choices=["tokens", "grid"],
+                   help="decoder prefix: every patch token (LLaVA-style) or tokens pooled on --report-grid")
+    r.add_argument("--report-aux", type=float, default=1.0,
+                   help="weight of the auxiliary findings loss (labeler labels of the train reports, read at <bos>)")
+    r.add_argument("--report-abnormal-weight", type=float, default=5.0,
+                   help="loss weight of the words of sentences that state a finding (1 = unweighted)")
+    r.add_argument("--report-select", default="ce", choices=["ce", "loss"],
+                   help="keep the epoch with the best val CE F1 macro (ties: val loss), or the lowest val loss")
     quick = ", ".join(f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
                       for k, v in QUICK.items())
     p.add_argument("--quick", action="store_true", help="the <= 5-minute evaluation for the README quick "
@@ -1165,7 +1256,8 @@ def run(args):
     t0, lines = time.time(), []
 
     def log(msg):
-        print(msg, flush=True)
+        tqdm.write(msg)            # above the progress bars, which redraw below it
+        sys.stdout.flush()
         lines.append(msg)
     device, out, lock = check_args(args)
     try:
@@ -1344,7 +1436,7 @@ def run_classification(feats, names, probes, size, data, test_rows, resamples, a
         for probe in probes:
             log(f"classification: {name} / {probe}")
             scores, hp = fit_classification(probe, feats[(name, size)], data, args, device, log)
-            stats, smp = cls_statistics(scores, data, resamples, test_rows)
+            stats, smp = cls_statistics(scores, data, resamples, test_rows, f"bootstrap {name}/{probe}")
             stats["hparams"] = hp
             cls[f"{name}/{probe}"], samples[f"{name}/{probe}"] = stats, smp
             for j, lab in enumerate(data["label_names"]):
@@ -1380,7 +1472,8 @@ def run_segmentation(feats, names, size, data, test_rows, resamples, args, devic
         pos = {r: i for i, r in enumerate(te_rows)}
         # resamples index all test rows; the seg test rows are those annotated: map positions, drop the others
         seg_res = [np.array([pos[r] for r in test_rows[idx] if r in pos], dtype=int) for idx in resamples]
-        per, samples[name] = seg_statistics(pred, masks, data["structures"], te_rows, seg_res)
+        per, samples[name] = seg_statistics(pred, masks, data["structures"], te_rows, seg_res,
+                                            f"bootstrap {name}/seg")
         seg[name], preds[name] = {"dice": per, "hparams": hp}, pred
         log(f"    test mean Dice {fmt(per.get('mean', {}).get('dice'), per.get('mean', {}).get('dice_ci'))}")
     val = lambda r: (lambda n, m: r["dice"][n][m])  # noqa: E731

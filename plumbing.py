@@ -9,6 +9,7 @@ The ground floor of the project: it imports nothing of the project (numpy, PIL a
   checkpoints  one validator (training's --resume, eval and export alike), one writer, resume
   the CLI      flags generated from a dataclass, range and type checks, Ctrl-C held over a training step
   runs         a training run's --out folder and log.jsonl, unreadable files, torchrun processes
+  metrics      AUROC (the Mann-Whitney statistic), and the online probe of a run (--probe-every)
   pictures     loss curves from log.jsonl, the training masks over crops
   export       the EMA encoder as a timm model folder
 Every check raises BadInput (a ValueError) with a one-line message; each script turns it into `error: ...`.
@@ -433,8 +434,9 @@ FINITE = (lambda v: 0 <= v < math.inf)
 # radjepa.py's flags: each one's allowed range, and the flags that must agree (make_config calls this).
 TRAIN_RANGES = [
     ("img_size patch width depth heads pred_width pred_depth n_targets min_ctx batch_size steps log_every "
-     "ckpt_every", "an integer >= 1", lambda v: v >= 1),
-    ("workers warmup stop_at seed", "an integer >= 0", lambda v: v >= 0),
+     "ckpt_every probe_images", "an integer >= 1", lambda v: v >= 1),
+    ("workers warmup stop_at seed threads", "an integer >= 0", lambda v: v >= 0),
+    ("probe_every", "an integer >= -1 (-1: 10 per run, 0: off)", lambda v: v >= -1),
     ("lr start_lr final_lr wd final_wd clip", "a finite number >= 0", FINITE),
     ("ema final_ema", "a number in [0, 1]", lambda v: 0 <= v <= 1),
     ("crop_scale tgt_scale ctx_scale", "LO HI with 0 < LO <= HI <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
@@ -598,9 +600,14 @@ def start_log(out, header):
 
 class StepStats:
     """A training log line's numbers, summed between log steps as device tensors (no sync per step);
-    record() reads them once and starts the next sums."""
+    record() reads them once and starts the next sums. It also watches the effective rank: a rank under
+    half of the run's first logged one is dimensional collapse, said once in the log line."""
 
-    def __init__(self):
+    def __init__(self, first_erank=None):  # a resumed run: its log's first record's
+        self.first_erank, self.warned = first_erank, False
+        self.reset()
+
+    def reset(self):
         self.sums, self.t0 = dict(loss=0.0, ctx=0.0, tgt=0.0, std=0.0, n=0, imgs=0), time.time()
 
     def add(self, **values):  # loss, ctx, tgt, std: averaged; imgs: summed (images per second)
@@ -616,11 +623,18 @@ class StepStats:
                  img_per_s=float(s["imgs"]) / (now - self.t0), ctx_patches=float(s["ctx"]) / n,
                  tgt_patches=float(s["tgt"]) / n, target_std=float(s["std"]) / n,
                  skipped_files=skipped, time=now, **extra)
-        self.__init__()
-        return r, (f"step {step:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
-                   f"ema {r['ema']:.4f} | gnorm {r['grad_norm']:.3f} | {r['img_per_s']:.1f} img/s | "
-                   f"ctx {r['ctx_patches']:.1f} tgt {r['tgt_patches']:.1f} | std {r['target_std']:.3f} | "
-                   f"erank {r['target_erank']:.1f} | skipped {skipped}")
+        self.reset()
+        line = (f"step {step:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | wd {r['wd']:.3f} | "
+                f"ema {r['ema']:.4f} | gnorm {r['grad_norm']:.3f} | {r['img_per_s']:.1f} img/s | "
+                f"ctx {r['ctx_patches']:.1f} tgt {r['tgt_patches']:.1f} | std {r['target_std']:.3f} | "
+                f"erank {r['target_erank']:.1f} | skipped {skipped}")
+        self.first_erank = self.first_erank or r["target_erank"]
+        if r["target_erank"] < 0.5 * self.first_erank and not self.warned:
+            self.warned = True
+            line += (f"\nwarning: dimensional collapse: the target tokens' effective rank fell from "
+                     f"{self.first_erank:.1f} to {r['target_erank']:.1f}; a lower --lr keeps it "
+                     f"(BENCHMARKS.md section 10: 1e-3 collapses, 3e-4 does not)")
+        return r, line
 
 
 class Unreadable:
@@ -662,67 +676,285 @@ def setup_distributed(device, batch_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Metrics, and the online probe of a training run (eval.py scores its probes with the same metrics).
+
+def ranks(s):
+    """1-based ranks of s, ties get the average of the ranks they span (the Mann-Whitney convention)."""
+    order = np.argsort(s, kind="mergesort")
+    s_sorted = s[order]
+    # boundaries of runs of equal values in the sorted array
+    starts = np.r_[0, np.flatnonzero(np.diff(s_sorted)) + 1]
+    ends = np.r_[starts[1:], len(s)]                      # run i covers sorted positions [starts[i], ends[i])
+    avg = (starts + ends + 1) / 2.0                       # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def auroc(y, s):
+    """Area under the ROC curve; None when y holds a single class (undefined, not 0.5)."""
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum()); n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    r = ranks(np.asarray(s, dtype=np.float64))
+    # U = (sum of positive ranks) - n_pos(n_pos+1)/2 counts the (pos, neg) pairs in order, ties as 1/2
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def macro_auroc(y, scores):
+    """Mean AUROC over labels defined on these rows (for val-split model selection)."""
+    vals = []
+    for j in range(y.shape[1]):
+        k = np.isfinite(y[:, j])
+        a = auroc(y[k, j], scores[k, j])
+        if a is not None:
+            vals.append(a)
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+
+class OnlineProbe:
+    """--probe-every: is the encoder learning anything useful, *while* it trains? The loss falls in a
+    collapsed run too. A fixed labelled subset (the first n_train images of the train split and n_val of
+    the val split, in file order; never the test split) is embedded by the target encoder, whole images
+    resized to the training size, no augmentation. Each image -> its tokens on a grid of at most 8x8 cells
+    (average-pooled where the patch grid is finer), concatenated: [cells x D], standardized on the train
+    images. Where a finding is, and its size, matter on radiographs: pooled to a mean or a 2x2 grid, even
+    raw pixels read at chance on the phantoms (measured: BENCHMARKS.md section 14). A closed-form ridge
+    regression onto the labels (its penalty chosen by leave-one-out error on the train images, so val is
+    only scored) gives val scores; macro AUROC says how linearly readable the findings are. No random
+    number is drawn and nothing is trained: an exact resume stays exact."""
+
+    PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0)  # x mean squared norm of a feature row
+
+    def __init__(self, root, size, n_train):
+        """root: a prepared folder (labels.csv). Check first with why_off(root)."""
+        import torch
+        info = read_labels(root)
+        rows = {s: [r for r in info["rows"] if r["split"] == s] for s in ("train", "val")}
+        rows["train"], rows["val"] = rows["train"][:n_train], rows["val"][:max(1, n_train // 2)]
+        self.names, self.size = info["label_names"], size
+        self.x, self.y = {}, {}
+        for split, rs in rows.items():  # decoded once: [n, 1, size, size] in [0, 1]
+            imgs = [np.asarray(Image.fromarray(load_image(os.path.join(root, r["image"])), mode="F")
+                               .resize((size, size), Image.BILINEAR), np.float32) for r in rs]
+            self.x[split] = torch.from_numpy(np.stack(imgs).clip(0, 1))[:, None]
+            self.y[split] = np.array([r["labels"] for r in rs], np.float64)  # nan = unknown
+
+    @staticmethod
+    def why_off(root):
+        """None if root can be probed, else the reason (one line) it cannot."""
+        if not os.path.exists(os.path.join(root, "labels.csv")):
+            return f"{root} has no labels.csv (an unlabelled folder; --probe-data names a labelled one)"
+        info = read_labels(root)
+        val = np.array([r["labels"] for r in info["rows"] if r["split"] == "val"], np.float64)
+        if not any(r["split"] == "train" for r in info["rows"]) or not len(val):
+            return f"{root} has no train or no val images"
+        if not any(np.nansum(c) > 0 and np.nansum(1 - c) > 0 for c in val.T):
+            return f"no label of {root} has both classes in its val split"
+        return None
+
+    def features(self, encoder, split, autocast, batch=128):
+        import torch
+        import torch.nn.functional as F
+        device, out = next(encoder.parameters()).device, []
+        with torch.no_grad(), autocast:
+            for i in range(0, len(self.x[split]), batch):
+                t = encoder(self.x[split][i:i + batch].to(device)).float()  # [b, N, D]
+                g = int(round(t.shape[1] ** 0.5))
+                grid = F.adaptive_avg_pool2d(t.transpose(1, 2).reshape(len(t), -1, g, g), min(g, 8))
+                out.append(grid.flatten(1).cpu())  # [b, D x cells]
+        return torch.cat(out).double()
+
+    @classmethod
+    def open(cls, root, size, n_train, say):
+        """The probe of root, or None after saying once why it is off."""
+        why = cls.why_off(root)
+        if why:
+            say(f"online probe off: {why}")
+            return None
+        return cls(root, size, n_train)
+
+    def step(self, log_path, step, encoder, autocast=contextlib.nullcontext()):
+        """Probe, append a "probe" record to log.jsonl -> (the line to print, seconds it took)."""
+        t0 = time.time()
+        a, per = self(encoder, autocast)
+        seconds = time.time() - t0
+        append_jsonl(log_path, dict(type="probe", step=step, auroc=a, labels=per, seconds=seconds,
+                                    images=[len(self.y["train"]), len(self.y["val"])]))
+        ref = [r["auroc"] for r in read_log(log_path, "probe") if r["step"] == 0]
+        init = f" (random init {ref[0]:.3f})" if ref and step else " (random init: the step-0 reference)" \
+            if not step else ""
+        return f"online probe macro AUROC {a:.3f}{init} at step {step:,}", seconds
+
+    @classmethod
+    def ridge(cls, xt, yt, xv):
+        """Ridge regression of yt [n, L] on xt [n, D] -> (scores of xv [m, L], the penalty chosen). Dual
+        form (D can exceed n): alpha = (K + lam I)^-1 y, K = xt xt^T. Each penalty's leave-one-out error
+        comes in closed form from one eigendecomposition of K: e_i / (1 - H_ii), H = K (K + lam I)^-1."""
+        import torch
+        mean = yt.mean(0)
+        yc, K = yt - mean, xt @ xt.T
+        evals, evecs = torch.linalg.eigh(K)
+        best = None
+        for p in cls.PENALTIES:
+            lam = p * K.diagonal().mean().clamp_min(1e-12)  # (a collapsed encoder: K = 0)
+            hat = evecs @ torch.diag(evals / (evals + lam)) @ evecs.T  # fitted = hat @ yc
+            loo = (((yc - hat @ yc) / (1 - hat.diagonal()[:, None]).clamp_min(1e-9)) ** 2).mean()
+            if best is None or loo < best[0]:
+                best = (loo, lam)
+        alpha = torch.linalg.solve(K + best[1] * torch.eye(len(K), dtype=K.dtype), yc)
+        return xv @ xt.T @ alpha + mean, float(best[1])
+
+    def __call__(self, encoder, autocast=contextlib.nullcontext()):
+        """-> (macro AUROC on the val images, {label: AUROC})."""
+        import torch
+        xt, xv = self.features(encoder, "train", autocast), self.features(encoder, "val", autocast)
+        mu, sd = xt.mean(0), xt.std(0).clamp_min(1e-6)
+        yt = torch.from_numpy(np.nan_to_num(self.y["train"], nan=0.5))  # unknown: no pull either way
+        scores = self.ridge((xt - mu) / sd, yt, (xv - mu) / sd)[0].numpy()
+        per = {}
+        for j, name in enumerate(self.names):
+            k = np.isfinite(self.y["val"][:, j])
+            a = auroc(self.y["val"][k, j], scores[k, j])
+            if a is not None:
+                per[name] = a
+        return float(np.mean(list(per.values()))) if per else float("nan"), per
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Pictures, drawn with PIL alone.
 
 LEGEND = [(60, 110, 255), (230, 60, 60), (60, 180, 75), (245, 160, 30), (170, 60, 200), (70, 200, 220)]
 
 
-def plot_log(log_path, png_path, curves, w=720, ph=170):
-    """log.jsonl -> a PNG with one panel per (key, title) in `curves` that every train record has: y from 0 with
-    ticks, the step on x."""
+def read_log(log_path, type="train"):
+    """The records of one type in log.jsonl (records of the first, untyped logs count as "train")."""
+    if not os.path.exists(log_path):
+        return []
     with open(log_path, encoding="utf-8") as f:
-        recs = [r for r in map(json.loads, f) if r.get("type") == "train" or "loss" in r]
-    curves = [(k, t) for k, t in curves if all(k in r for r in recs)]  # old logs lack the newer keys
-    if len(recs) < 2 or not curves:
+        return [r for r in map(json.loads, f) if r.get("type", "train" if "loss" in r else None) == type]
+
+
+def plot_log(log_path, png_path, curves, w=720, ph=170):
+    """log.jsonl -> a PNG with one panel per (key, title) in `curves` that every train record has, then one of
+    the online probe (its step-0 value, random init, as a dashed reference line) if the log has one: y with
+    ticks (from 0, the probe's from its range), the step on x."""
+    recs, probes = read_log(log_path), read_log(log_path, "probe")
+    panels = [(k, t, recs) for k, t in curves if all(k in r for r in recs)]  # old logs lack newer keys
+    if len(probes) >= 2:
+        panels.append(("auroc", "online probe: val macro AUROC (dashed: random init)", probes))
+    if len(recs) < 2 or not panels:
         return
-    im = Image.new("RGB", (w, ph * len(curves)), "white")
+    im = Image.new("RGB", (w, ph * len(panels)), "white")
     d, x0, x1 = ImageDraw.Draw(im), 60, w - 20
-    s0, s1 = recs[0]["step"], recs[-1]["step"]
+    s0, s1 = min(r["step"] for _, _, rs in panels for r in rs), recs[-1]["step"]
     def X(s): return x0 + (s - s0) / max(1, s1 - s0) * (x1 - x0)
-    for i, (key, title) in enumerate(curves):
-        ys, top, bot = [r[key] for r in recs], i * ph + 24, (i + 1) * ph - 30
-        hi = max(ys) * 1.05 or 1.0
-        def Y(v): return bot - v / hi * (bot - top)
+    for i, (key, title, rs) in enumerate(panels):
+        ys, top, bot = [r[key] for r in rs], i * ph + 24, (i + 1) * ph - 30
+        if rs is recs:  # losses and indicators from 0
+            lo, hi = 0.0, max(ys) * 1.05 or 1.0
+        else:  # AUROC: its range, with a margin
+            pad = 0.1 * (max(ys) - min(ys) or 0.1)
+            lo, hi = min(ys) - pad, max(ys) + pad
+        def Y(v): return bot - (v - lo) / (hi - lo) * (bot - top)
+        if rs is probes and rs[0]["step"] == 0:  # the reference: the same encoder, untrained
+            for xa in np.arange(x0, x1, 12):
+                d.line([xa, Y(ys[0]), min(xa + 6, x1), Y(ys[0])], fill="gray", width=1)
+        pts = [(X(r["step"]), Y(y)) for r, y in zip(rs, ys)]
+        d.line(pts, fill="navy", width=2)
+        for p in pts if rs is probes else ():  # (the frame and ticks are drawn over them)
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill="navy")
         d.rectangle([x0, top, x1, bot], outline="black")
         d.text((x0, top - 16), f"{title}: {ys[0]:.4g} -> {ys[-1]:.4g}", fill="black")
-        for v in np.linspace(0, hi, 5):
+        for v in np.linspace(lo, hi, 5):
             d.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
             d.text((4, Y(v) - 5), f"{v:.3g}", fill="black")
         for st in np.linspace(s0, s1, 6):
             d.line([X(st), bot, X(st), bot + 4], fill="black")
             d.text((X(st) - 10, bot + 6), f"{st:.0f}", fill="black")
         d.text((x0 - 50, bot + 6), "step", fill="black")
-        d.line([(X(r["step"]), Y(y)) for r, y in zip(recs, ys)], fill="navy", width=2)
     save_png(png_path, im)
 
 
 def draw_masks(items, patch, png_path, n_targets):
-    """items: [(crop, (context indices, [target indices]))], crops [S, S] in [0, 1], indices on the patch grid.
-    -> a strip of the crops (each upscaled to >= 256 px) with the context in blue and each target block in its
-    own colour, a legend below."""
+    """items: [(crop, (context indices, [target indices]))], crops [H, W] in [0, 1], indices on the patch grid.
+    -> a strip of the crops (each upscaled to >= 256 px) and a legend below that names every colour drawn: the
+    context tinted blue (LEGEND[0]), each target block its own colour (LEGEND[1:]) and outline, a patch in two
+    blocks the first one's colour striped with the other's, and the patches in neither dimmed grey."""
     if not items:
         return
-    tiles, k = [], -(-256 // items[0][0].shape[0])  # k: upscale factor (ceil)
-    g = items[0][0].shape[0] // patch
+    k = -(-256 // items[0][0].shape[0])  # upscale factor (ceil)
+    P = patch * k                        # a patch's side on the picture
+    colour = lambda j: np.array(LEGEND[1 + j % 5], float)  # noqa: E731  (target block j)
+    tiles, seen = [], set()              # seen: the kinds of patch drawn, for the legend
     for x, (ctx, tgts) in items:
-        rgb = np.repeat(np.asarray(x)[..., None] * 255, 3, -1)
-        over, cover = np.zeros((g, g, 3)), np.zeros((g, g))
-        for idx, color in [(ctx, LEGEND[0])] + [(t, LEGEND[1 + j % 5]) for j, t in enumerate(tgts)]:
-            over.reshape(-1, 3)[np.asarray(idx)] += color
-            cover.reshape(-1)[np.asarray(idx)] += 1
-        over = over / np.maximum(cover, 1)[..., None]
-        up = np.kron(over, np.ones((patch, patch, 1)))
-        alpha = np.kron((cover > 0).astype(float), np.ones((patch, patch)))[..., None] * 0.45
-        tiles.append(np.kron((rgb * (1 - alpha) + up * alpha).astype(np.uint8), np.ones((k, k, 1), np.uint8)))
+        gray = np.kron(np.asarray(x, float) * 255, np.ones((k, k)))[..., None].repeat(3, -1)
+        gh, gw = gray.shape[0] // P, gray.shape[1] // P
+        first, second = np.full(gh * gw, -1), np.full(gh * gw, -1)  # the first / second target block a patch is in
+        for j, t in enumerate(tgts):
+            t = np.asarray(t, int)
+            second[t] = np.where((first[t] >= 0) & (second[t] < 0), j, second[t])
+            first[t] = np.where(first[t] < 0, j, first[t])
+        in_ctx = np.zeros(gh * gw, bool)
+        in_ctx[np.asarray(ctx, int)] = True
+        yy, xx = np.mgrid[:P, :P]
+        tile = gray * 0.35                                        # neither: dimmed
+        for i in range(gh * gw):
+            sl = np.s_[i // gw * P:(i // gw + 1) * P, i % gw * P:(i % gw + 1) * P]
+            if first[i] >= 0:                                     # a target patch (never context)
+                tile[sl] = 0.35 * gray[sl] + 0.65 * colour(first[i])
+                if second[i] >= 0:                                # in two blocks: the other one's stripes
+                    stripes = (yy + xx + (i // gw + i % gw) * P) % 12 < 4
+                    tile[sl][stripes] = colour(second[i])
+                    seen.add("overlap")
+                seen.add(first[i])
+            elif in_ctx[i]:
+                tile[sl] = 0.5 * gray[sl] + 0.5 * np.array(LEGEND[0], float)
+                seen.add("context")
+            else:
+                seen.add("neither")
+        im = Image.fromarray(tile.clip(0, 255).astype(np.uint8))
+        d, w = ImageDraw.Draw(im), max(2, k)
+        for j, t in enumerate(tgts):                              # each block's outline, in its colour
+            block = set(np.asarray(t, int).tolist())
+            for i in block:
+                r, c = divmod(i, gw)
+                x0, y0, x1, y1 = c * P, r * P, (c + 1) * P - 1, (r + 1) * P - 1
+                fill = tuple(int(v) for v in colour(j))
+                for side, nb, ok in (((x0, y0, x1, y0), i - gw, r > 0), ((x0, y1, x1, y1), i + gw, r < gh - 1),
+                                     ((x0, y0, x0, y1), i - 1, c > 0), ((x1, y0, x1, y1), i + 1, c < gw - 1)):
+                    if not ok or nb not in block:
+                        d.line(side, fill=fill, width=w)
+        tiles.append(np.asarray(im))
     strip = np.concatenate([np.pad(t, ((0, 0), (0, 6), (0, 0)), constant_values=255) for t in tiles], axis=1)
-    im = Image.new("RGB", (strip.shape[1], strip.shape[0] + 28), "white")
-    im.paste(Image.fromarray(strip))
-    d, x = ImageDraw.Draw(im), 4
     names = ["context: what the encoder sees"] + [f"target {j + 1}" for j in range(min(n_targets, 5))]
-    for color, name in [*zip(LEGEND, names), (None, "uncoloured: neither")]:
-        d.rectangle([x, strip.shape[0] + 8, x + 12, strip.shape[0] + 20], fill=color, outline="black")
-        d.text((x + 16, strip.shape[0] + 8), name, fill="black")
-        x += 28 + 6 * len(name)
+    entries = [(LEGEND[j], name) for j, name in enumerate(names)]
+    if "overlap" in seen:
+        entries.append(("stripes", "in two targets: the other's stripes"))
+    if "neither" in seen:
+        entries.append(((80, 80, 80), "dimmed: in neither"))
+    x, y, lines = 4, strip.shape[0] + 8, []
+    for fill, name in entries:                                    # flow the entries, a new line when full
+        w = 28 + 6 * len(name)
+        if x + w > strip.shape[1] and x > 4:
+            x, y = 4, y + 20
+        lines.append((x, y, fill, name))
+        x += w
+    im = Image.new("RGB", (strip.shape[1], y + 20), "white")
+    im.paste(Image.fromarray(strip))
+    d = ImageDraw.Draw(im)
+    for x, y, fill, name in lines:
+        if fill == "stripes":                                     # the first target striped with the second's
+            sw = np.tile(np.array(LEGEND[1], np.uint8), (13, 13, 1))
+            yy, xx = np.mgrid[:13, :13]
+            sw[(yy + xx) % 6 < 2] = LEGEND[2]
+            im.paste(Image.fromarray(sw), (x, y))
+            d.rectangle([x, y, x + 12, y + 12], outline="black")
+        else:
+            d.rectangle([x, y, x + 12, y + 12], fill=fill, outline="black")
+        d.text((x + 16, y), name, fill="black")
     save_png(png_path, im)
 
 

@@ -93,6 +93,11 @@ class Config:
     restart: bool = opt(False, "start over in an --out that holds a run: its files are replaced")
     stop_at: int = opt(0, "checkpoint and stop at this step (0 = run to --steps): job slots")
     log_every: int = opt(10, "steps between log lines (and log.jsonl records)")
+    probe_every: int = opt(-1, "online probe every N steps: val macro AUROC of a closed-form ridge "
+                               "head on target features (-1: 10 per run, and step 0; 0: off)")
+    probe_data: str = opt("", "labelled prepared folder for the online probe (default: --data)")
+    probe_images: int = opt(512, "train-split images of the online probe (val: half as many)")
+    threads: int = opt(0, "CPU threads of torch (0: one per core; on a busy CPU fewer are faster)")
     ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
     bench_loader: int = opt(0, "only time the data loader over this many batches, then exit")
 
@@ -108,7 +113,8 @@ PRESETS = {"vit_tiny": dict(width=192, depth=12, heads=3, pred_width=96, pred_de
            "vit_large": dict(width=1024, depth=24, heads=16, pred_depth=12)}
 # Fields that --resume may change without changing the run; ARCH_FIELDS fix the weights' shapes.
 RUN_FIELDS = {"data", "out", "workers", "device", "kernels", "compile", "resume", "restart",
-              "stop_at", "log_every", "ckpt_every", "accum"}
+              "stop_at", "log_every", "ckpt_every", "accum", "probe_every", "probe_data",
+              "probe_images", "threads"}
 ARCH_FIELDS = ("patch", "width", "depth", "heads", "pred_width", "pred_depth")
 
 
@@ -685,8 +691,22 @@ def train(c: Config):
             device=str(device), images=len(paths), kernels="triton" if triton else "torch",
             precision=precision, start_step=step, end_step=end, params_encoder=n_enc,
             params_predictor=n_pred, objective=OBJECTIVE))
+    # the online probe (rank 0): is the encoder learning anything useful? its step 0 is random init
+    every = c.probe_every if c.probe_every >= 0 else max(1, c.steps // 10)
+    probe = master and every and plumbing.OnlineProbe.open(c.probe_data or c.data, c.img_size,
+                                                           c.probe_images, print)
     bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True)
-    stats = plumbing.StepStats()
+    stats = plumbing.StepStats(next((r["target_erank"] for r in plumbing.read_log(log_path)), None))
+    t_run, t_probe, said = time.time(), 0.0, ""
+
+    def probe_at(at):  # the probe's seconds are kept out of the next log line's img/s
+        nonlocal t_probe, said
+        said, seconds = probe.step(log_path, at, target, autocast)
+        t_probe, stats.t0 = t_probe + seconds, stats.t0 + seconds
+        tqdm.write(said)
+
+    if probe and step == 0:
+        probe_at(0)
     skipped = plumbing.Unreadable(tqdm.write if master else None, c.data, min(10, end - step))
     with plumbing.Preemption() as sig:  # Ctrl-C, SIGTERM: the step ends, a checkpoint, one line
         for bs in plumbing.grouped(loader, c.accum):  # one step: --accum micro-batches
@@ -722,6 +742,8 @@ def train(c: Config):
                                             grad_norm=gnorm, target_erank=erank)
                 plumbing.append_jsonl(log_path, record)
                 tqdm.write(line)
+            if probe and (step % every == 0 or step == c.steps):  # not at --stop-at: as unstopped
+                probe_at(step)
             if step % c.ckpt_every == 0:
                 checkpoint(step)
             if bool(stop) if ddp and check else sig.signum and not ddp:  # DDP: read when all agree
@@ -731,6 +753,9 @@ def train(c: Config):
     if master and step == end:
         plumbing.plot_log(log_path, f"{c.out}/loss.png", [("loss", f"loss: {OBJECTIVE}"), *CURVES])
         print(f"done: step {step}, checkpoint {ckpt_path}")
+        if said:  # its cost: the issue's bound is 5% of the run
+            print(f"{said}; the probe took {t_probe:.0f} s, "
+                  f"{100 * t_probe / (time.time() - t_run):.1f}% of this run's time")
     if ddp:  # wait for rank 0's checkpoint: a rank that tears gloo down alone can abort at exit
         dist.barrier()
         dist.destroy_process_group()
@@ -769,6 +794,8 @@ def main(argv=None):
     try:
         base = plumbing.resume_config(ck_path) if given.get("resume") else None
         c = make_config(given, base)
+        if c.threads:  # idle OpenMP threads spin: on a shared CPU, fewer threads can be much faster
+            torch.set_num_threads(c.threads)
         if base:  # another architecture is refused; other changed flags get a warning
             plumbing.check_resume(c, given, base, ARCH_FIELDS, RUN_FIELDS)
         if not c.data:
@@ -778,6 +805,8 @@ def main(argv=None):
             n = sum(len(b.imgs) for b in loader if not b.stand_in) / (time.perf_counter() - t0)
             return print(f"loader: {n:.1f} img/s ({c.workers} workers, {c.img_size} px)")
         paths = list_images(c.data, c.out)  # labels.csv and the images are checked before any work
+        if c.probe_data and (why := plumbing.OnlineProbe.why_off(c.probe_data)):
+            raise BadInput(f"--probe-data: {why}")
         if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
             lock = plumbing.claim_out(c.out)
             plumbing.check_run_folder(c.out, c.resume, c.restart)

@@ -5,10 +5,14 @@ features and calls report_task; this file holds the second model (a small causal
 for the image prefix), its text metrics and the labeler. It builds on eval.py's metrics, pooling and
 statistics (the one import between them: eval.py imports this file only where it is used).
 
-  frozen tokens [N, g*g, D] -> mean over each cell of a G x G grid (--report-grid, default 4: 16 prefix
-  tokens) -> standardize (train statistics) -> 2-layer MLP projector -> prefix of a causal transformer decoder
-  trained from scratch with teacher forcing on the train reports -> epoch with the lowest val loss kept ->
-  test decoded once, greedy and beam search (width 3), capped at --report-max-len words.
+  frozen tokens [N, g*g, D] -> every patch token (--report-prefix tokens; or the mean over each cell of a G x G
+  grid, --report-prefix grid --report-grid G) -> standardize (train statistics) -> 2-layer MLP projector applied
+  to each token (LLaVA-style) -> prefix of a causal transformer decoder trained from scratch with teacher forcing
+  on the train reports. Loss: token cross-entropy with the words of finding sentences up-weighted
+  (--report-abnormal-weight) + an auxiliary findings head read at <bos> (--report-aux; targets = the labeler's
+  labels of the train reports). Kept: the epoch with the best val CE F1 macro of greedy val reports, ties by val
+  loss (--report-select ce; or the lowest val loss) -> test decoded once, greedy and beam search (width 3),
+  capped at --report-max-len words.
 Text: the FINDINGS section (the IMPRESSION when a report has no findings; --report-section), lower-cased,
 words and punctuation marks as tokens; the vocabulary is the train split's words seen at least
 --report-min-count times, the rest is <unk>. Metrics compare generated and reference token lists:
@@ -21,8 +25,10 @@ words and punctuation marks as tokens; the vocabulary is the train split's words
 Baselines under the same decoder and budget: random-init encoder, raw pixels, "none" (no prefix: the decoder
 alone learns the most typical report), and retrieval (the report of the nearest train image by cosine
 similarity of the standardized mean-pooled tokens; "retrieval-jepa", and the same with each other encoder's
-tokens, which compares the feature spaces with no training at all). CIs and p-values: eval.py's patient
-bootstrap and paired test.
+tokens, which compares the feature spaces with no training at all). Sanity systems: "oracle" (the decoder given
+the labeler's labels of the reference as its prefix: can it write findings at all?) and "shuffled-jepa" (the
+JEPA decoder given another test image's tokens: does it read the image?). CIs and p-values: eval.py's patient
+bootstrap and paired test, also per finding.
 """
 import collections
 import copy
@@ -47,41 +53,163 @@ else:            # a clone: imported by eval.py from the repository root
 REPORT_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD, BOS, EOS, UNK = range(4)
 
-# The labeler's rules. A finding is mentioned where its pattern matches; a mention is cancelled by a negation
-# cue in the same clause, before it ("no effusion", "without pneumothorax", "negative for pneumonia") or after
-# it ("effusion has resolved", "pneumothorax is no longer seen"). Clauses end at . ; ! ? and at
-# but/however/although/except, so "no effusion but a small pneumothorax" keeps the pneumothorax. Hedged
-# mentions ("possible effusion") count as positive. Label = 1 if any mention survives, else 0 (negated and
-# unmentioned are the same: "not reported").
-LABELER_FINDINGS = {
-    "Atelectasis": r"atelecta\w*",
-    "Cardiomegaly": r"cardiomegaly|(?:heart|cardiac silhouette)(?: size)? (?:is|appears|remains) "
-                    r"(?:\w+ly )?enlarged|enlarged (?:heart|cardiac silhouette)",
+# Clinical efficacy needs the findings a report states, for generated and reference text alike. The rules below are
+# written for real dictation (MIMIC-CXR, IU X-ray, CheXpert Plus), not only for the phantom template; their word
+# lists are our own, informed by the public CheXpert labeler's mention and negation/uncertainty patterns
+# (stanfordmlgroup/chexpert-labeler), reduced to regular expressions (no dependency parser on a CPU budget).
+#
+#   text -> lower case, whitespace collapsed, "left - sided" (detokenized output) -> "left-sided"
+#        -> clauses: split at . ; : ! ? and at words that start a new statement (but, however, although,
+#           except, whereas, "there is/are" ...)
+#        -> mentions: every match of a finding's patterns (FINDING_MENTIONS; EXCLUDE removes look-alikes first:
+#           "pericardial effusion", "calcified nodule", "massive" is not "mass" thanks to word boundaries)
+#        -> each mention's state, in CheXpert's order: (1) uncertain if an "unsure exclusion" cue governs it
+#           ("cannot exclude", "not ruled out"; their "not" is no negation); (2) negative if a negation
+#           cue governs it ("no", "without", "negative for", "free of", "resolution of", "has resolved", "is no
+#           longer seen"); (3) uncertain if a hedge governs it ("possible", "may represent", "questionable",
+#           "suspicious for") or the mention is only a sign of the finding (WEAK: "blunting of the costophrenic
+#           angle" for effusion, "vascular congestion" for edema, "borderline heart size"); else (4) positive.
+#           A cue BEFORE the mention governs it when it is the nearest cue before it and no scope breaker
+#           (a verb such as is/are/has, "and the", "there") lies between: "no focal consolidation, effusion or
+#           pneumothorax" negates all three, "no pneumothorax is seen and the heart is enlarged" keeps the heart.
+#           A cue AFTER it ("has resolved", "cannot be excluded") governs it when only the mention's own words lie
+#           between ("the left effusion has resolved", "effusion and pneumothorax have resolved").
+#           Pseudo-negations are removed first: "no change in the effusion" states an effusion.
+#        -> the report's state per finding (CheXpert's aggregation): positive if any mention is positive, else
+#           uncertain if any is uncertain, else negative if any is negative, else not mentioned (None).
+#
+# Uncertain mentions count as POSITIVE in the binary labels (CheXpert's "U-ones"; label_report(uncertain=0) gives
+# "U-zeros"). Why: a hedge in a radiology report ("cannot exclude a small pneumothorax") is the radiologist
+# raising the finding for follow-up; a generated report that omits it has lost clinical content, and one that
+# hedges where the reference is definite has still raised it. U-zeros would instead reward a generator for
+# hedging everything away. (The phantom reports never hedge, so the synthetic benchmark is the same either way.)
+# Negated and unmentioned are both 0: "not reported".
+# Unlike CheXpert, "no new X" is negative, not uncertain: a persisting old X is stated elsewhere in the report
+# ("stable left effusion"), and "no new consolidation" is so common in follow-up dictation that reading it as a
+# hedge would, under U-ones, make most follow-up reports "positive".
+# Known limits: a comma does not end a negation ("no pneumothorax, small effusion" negates the effusion, as
+# list negation needs); "X or Y" is not read as uncertainty (CheXpert reads it so); no temporal reasoning beyond
+# "resolved" / "no longer".
+POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
+_ADV = r"(?:(?:\w+ly|again|still|now|also) )*"                       # "is (now) mildly enlarged"
+_HEART = (r"(?:heart(?: size)?|cardiac (?:silhouette|shadow|contour|size)|cardiomediastinal (?:silhouette|contours?"
+          r"|shadow)|cardiac and mediastinal (?:silhouette|contours?))")
+_BE = r"(?:(?:is|are|appears?|remains?|seems?|looks?)(?: to be)? )"
+FINDING_MENTIONS = {
+    "Atelectasis": r"atelecta\w*|collapsed?",
+    # an enlarged cardiomediastinal silhouette is counted as cardiomegaly: there is no separate mediastinum label,
+    # and in chest film reports it is how the heart's enlargement is often dictated
+    "Cardiomegaly": rf"cardiomegaly|cardiac enlargement|enlargement of the {_HEART}|enlarged {_HEART}"
+                    rf"|{_HEART} {_BE}?{_ADV}(?:enlarged|increased|large|prominent)",
     "Consolidation": r"consolidat\w*",
-    "Edema": r"o?edema",
-    "Effusion": r"effusions?",
-    "Nodule": r"nodul\w*|mass(?:es)?",
-    "Pneumonia": r"pneumonias?",
-    "Pneumothorax": r"pneumothora(?:x|ces)",
+    "Edema": r"o?edema(?:tous)?",
+    "Effusion": r"effusions?|pleural fluid|hydropneumothora(?:x|ces)|hydrothorax",
+    "Nodule": r"nodul\w*|mass(?:es)?|tumou?rs?|neoplasms?|carcinoma|malignancy|(?:lung|pulmonary|cavitary|spiculated)"
+              r" lesions?",
+    "Pneumonia": r"(?:broncho)?pneumonias?|infectious process|infection",
+    "Pneumothorax": r"(?:hydro)?pneumothora(?:x|ces)",
 }
-NEGATION_BEFORE = r"\b(?:no|not|without|negative for|free of|absence of|resolution of|resolved|clear of)\b"
-NEGATION_AFTER = (r"\b(?:(?:has|have) (?:resolved|cleared)|(?:is|are) no longer "
-                  r"(?:seen|present|visible|evident)|(?:is|are) not "
-                  r"(?:seen|present|identified|visible|evident)|(?:has|have) been excluded|resolved)\b")
-CLAUSE_END = r"[.;!?]|\b(?:but|however|although|except)\b"
+LABELER_FINDINGS = FINDING_MENTIONS                                     # the labels, in this order
+# Signs of a finding rather than the finding: at most uncertain (CheXpert's post-negation uncertainty rules)
+WEAK_MENTIONS = {
+    "Cardiomegaly": rf"borderline (?:{_HEART}|cardiomegaly)|{_HEART} {_BE}?{_ADV}(?:borderline|top normal|at the "
+                    r"upper limits? of normal)",
+    "Edema": r"(?:pulmonary |vascular )+congestion|heart failure|chf|kerley b lines?",
+    "Effusion": r"blunt\w* of (?:the )?(?:\w+ )?(?:costophrenic|cp) (?:angles?|sulc[ui]s?)|(?:costophrenic|cp) "
+                r"(?:angles?|sulc[ui]s?) (?:blunting|(?:is |are )?(?:\w+ly )?blunted)|blunted (?:\w+ )?"
+                r"(?:costophrenic|cp) angles?",
+}
+# Statements of a normal finding: an explicit negative ("heart size is normal")
+NORMAL_MENTIONS = {
+    "Cardiomegaly": rf"{_HEART} {_BE}?{_ADV}(?:normal|within normal limits|unremarkable|not enlarged)|normal "
+                    rf"{_HEART}|normal(?:-| )sized heart",
+}
+EXCLUDE = r"pericardial effusions?|calcified (?:nodul\w*|granulom\w*)|mass effect|collapsed? (?:vertebra|vertebral)\w*"
+_UNSURE_EXCLUSION = (r"cannot (?:be )?(?:entirely |completely |definitely )?(?:excluded?|ruled? out)|can ?not (?:be )?"
+                     r"excluded|(?:is|are) not (?:entirely |completely )?(?:excluded|ruled out)|not (?:be )?excluded"
+                     r"|difficult to exclude")
+_NEGATION = (r"no|not|without|negative for|free of|absen(?:ce|t) of|resolution of|resolved|clearing of|clear of|"
+             r"removal of|neither|nor|rather than|ruled out|exclude[ds]?")
+_HEDGE = (r"possible|possibly|probable|questionable|question of|suspect(?:ed)?|suspicious(?: for)?|suspicion (?:of|for)"
+          r"|concern(?:ing)? for|worrisome for|(?:may|might|could|would|can) (?:also )?(?:be|represent|reflect|indicate"
+          r"|include|be due to|relate to)|differential (?:diagnosis )?(?:includes?|of)|versus|vs|equivocal"
+          r"|indeterminate|less likely|unlikely|borderline|cannot be assessed|not (?:well )?(?:assessed|evaluated)")
+_POST_NEGATION = (r"(?:has|have) (?:since )?(?:resolved|cleared|been removed|been excluded)|(?:is|are) (?:no longer|not)"
+                  r" (?:seen|present|visible|evident|identified|demonstrated|visualized|appreciated)|(?:is|are) absent"
+                  r"|(?:has|have) been ruled out|resolved|removed")
+_POST_HEDGE = (r"(?:is|are) (?:suspected|questioned|possible|not excluded|a consideration|considered)|(?:cannot|can "
+               r"not) be (?:entirely )?(?:excluded|ruled out)|(?:is|are) not (?:entirely )?(?:excluded|ruled out)"
+               r"|(?:could|may|might) be present|(?:is|are) (?:not )?difficult to exclude|(?:is|are) less likely|"
+               r"(?:is|are) unlikely|not (?:well )?(?:assessed|evaluated)|versus|vs")
+# "no change in the effusion" states an effusion: these are read as no cue at all
+PSEUDO_NEGATION = (r"no (?:significant |interval |appreciable |substantial )?(?:change|increase|decrease|worsening|"
+                   r"improvement|progression)|not (?:significantly )?(?:changed|increased|decreased|worsened|"
+                   r"improved)|not only|without (?:significant |interval )?change|gram[- ]negative")
+SCOPE_BREAK = r"\b(?:is|are|was|were|has|have|had|which|that|there|and (?:the|a|an|there))\b"
+CLAUSE_END = (r"[.;:!?]|\b(?:but|however|although|though|except|whereas|while|yet|apart from|aside from|otherwise)\b"
+              r"|(?=\bthere (?:is|are|has|have)\b)")
+_CUES = [("unsure", _UNSURE_EXCLUSION), (NEGATIVE, _NEGATION), (UNCERTAIN, _HEDGE)]   # alternatives in this order
+_CUE_RE = re.compile("|".join(rf"(?P<c{i}>\b(?:{p})\b)" for i, (_, p) in enumerate(_CUES)))
+_POST_RE = [(UNCERTAIN, re.compile(rf"\b(?:{_POST_HEDGE})\b")), (NEGATIVE, re.compile(rf"\b(?:{_POST_NEGATION})\b"))]
+_MENTION_RE = {k: [(re.compile(rf"\b(?:{p})\b"), st) for p, st in
+                   ((FINDING_MENTIONS[k], POSITIVE), (WEAK_MENTIONS.get(k), UNCERTAIN),
+                    (NORMAL_MENTIONS.get(k), NEGATIVE)) if p] for k in FINDING_MENTIONS}
 
 
-def label_report(text, findings=LABELER_FINDINGS):
-    """Report text -> {finding: 0/1} by the rules above."""
-    out = dict.fromkeys(findings, 0)
-    for clause in re.split(CLAUSE_END, text.lower()):
-        for name, pattern in findings.items():
-            for m in re.finditer(rf"\b(?:{pattern})\b", clause):
-                negated = re.search(NEGATION_BEFORE, clause[:m.start()]) or \
-                    re.search(NEGATION_AFTER, clause[m.end():])
-                if not negated:
-                    out[name] = 1
+def _normalise(text):
+    t = re.sub(r"\s+", " ", text.lower())
+    t = re.sub(r"(?<=\w) ?- ?(?=\w)", "-", t)                 # "left - sided" (detokenized) -> "left-sided"
+    t = re.sub(r"\bvs\.", "vs", t)                                 # "a vs. b" is one clause
+    t = re.sub(rf"\b(?:{EXCLUDE})\b", " ", t)                     # look-alikes are not mentions
+    return re.sub(rf"\b(?:{PSEUDO_NEGATION})\b", " ", t)          # nor cues
+
+
+def _mention_state(clause, start, end, state):
+    """The state of the mention clause[start:end] whose own wording says `state` (POSITIVE, or UNCERTAIN for a
+    WEAK mention, NEGATIVE for a NORMAL one), by the cues around it (order in the header)."""
+    if state == NEGATIVE:
+        return NEGATIVE
+    before = None                                                 # the nearest cue before, unless a breaker follows
+    for m in _CUE_RE.finditer(clause, 0, start):
+        before = None if re.search(SCOPE_BREAK, clause[m.end():start]) else _CUES[int(m.lastgroup[1:])][0]
+    after = None                                                  # a cue right after the mention (its words only)
+    rest = clause[end:]
+    for st, rx in _POST_RE:
+        m = rx.search(rest)
+        if m and not re.search(SCOPE_BREAK, rest[:m.start()]) and len(rest[:m.start()].split()) <= 6:
+            after = st
+            break
+    # CheXpert's order: an unsure exclusion before it, then negation, then hedging
+    if before == "unsure":
+        return UNCERTAIN                                          # "cannot exclude X"
+    if before == NEGATIVE or after == NEGATIVE:
+        return NEGATIVE                                           # "no X", "X has resolved"; "no X is suspected"
+    if before == UNCERTAIN or after == UNCERTAIN:
+        return UNCERTAIN                                          # "possible X", "X cannot be excluded"
+    return state                                                  # POSITIVE (or UNCERTAIN for a WEAK mention)
+
+
+def finding_states(text):
+    """Report text -> {finding: POSITIVE 1 | UNCERTAIN -1 | NEGATIVE 0 | None (not mentioned)}, CheXpert's codes."""
+    out = dict.fromkeys(FINDING_MENTIONS)
+    rank = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1, None: 0}      # the report's state: the strongest mention's
+    for clause in re.split(CLAUSE_END, _normalise(text)):
+        if not clause or not clause.strip():
+            continue
+        for name, pats in _MENTION_RE.items():
+            for rx, state in pats:
+                for m in rx.finditer(clause):
+                    s = _mention_state(clause, m.start(), m.end(), state)
+                    if rank[s] > rank[out[name]]:
+                        out[name] = s
     return out
+
+
+def label_report(text, findings=LABELER_FINDINGS, uncertain=1):
+    """Report text -> {finding: 0/1}: positive = 1, uncertain = `uncertain` (1: U-ones, the default; why in the
+    header), negative or not mentioned = 0."""
+    states = finding_states(text)
+    return {k: 1 if states[k] == POSITIVE else uncertain if states[k] == UNCERTAIN else 0 for k in findings}
 
 
 def tokenize(text):
@@ -152,8 +280,17 @@ REPORT_METRICS = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "ce_p_micro", "
                   "ce_p_macro", "ce_r_macro", "ce_f1_macro"]
 
 
+def label_f1(pred, ref):
+    """Per-label F1 = 2tp / (2tp + fp + fn) of bool [n, L] arrays; NaN where a label has no positive reference
+    (and, in a bootstrap resample, none drawn): such a label has no F1, as in the macro mean."""
+    tp, fp, fn = (pred & ref).sum(0), (pred & ~ref).sum(0), (~pred & ref).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+
+
 def report_statistics(hyps, refs, resamples):
-    """Point values, bootstrap CIs and samples of every REPORT_METRICS entry, plus per-label CE F1 (point)."""
+    """Point values, bootstrap CIs and samples of every REPORT_METRICS entry, and per label (ce_per_label) its
+    CE F1 with CI; the per-label samples are keyed ("all", "f1:<label>") for the paired tests."""
     stats = np.array([bleu_stats(h, r) for h, r in zip(hyps, refs)])
     rl = np.array([rouge_l(h, r) for h, r in zip(hyps, refs)])
     names = list(LABELER_FINDINGS)
@@ -164,14 +301,18 @@ def report_statistics(hyps, refs, resamples):
     def metrics(idx):
         s = stats[idx].sum(0)
         return {**{f"bleu{n}": bleu_from_stats(s, n) for n in range(1, 5)}, "rouge_l": float(rl[idx].mean()),
-                **clinical_efficacy(pred[idx], ref[idx])}
+                **clinical_efficacy(pred[idx], ref[idx]),
+                **{f"f1:{n}": f for n, f in zip(names, label_f1(pred[idx], ref[idx]))}}
     point = metrics(np.arange(len(hyps)))
     boot = [metrics(idx) for idx in resamples]
-    samples = {("all", k): np.array([np.nan if b[k] is None else b[k] for b in boot]) for k in REPORT_METRICS}
+    keys = REPORT_METRICS + [f"f1:{n}" for n in names]
+    samples = {("all", k): np.array([np.nan if b[k] is None else b[k] for b in boot], float) for k in keys}
     out = {k: point[k] for k in REPORT_METRICS}
     out.update({k + "_ci": E.percentile_ci(samples[("all", k)]) for k in REPORT_METRICS})
     out["ce_per_label"] = {n: {"n_ref": int(ref[:, j].sum()), "n_pred": int(pred[:, j].sum()),
-                               "f1": clinical_efficacy(pred[:, [j]], ref[:, [j]])["ce_f1_micro"]}
+                               "f1": None if np.isnan(point[f"f1:{n}"]) else float(point[f"f1:{n}"]),
+                               "f1_ci": None if np.isnan(point[f"f1:{n}"]) else
+                               E.percentile_ci(samples[("all", f"f1:{n}")])}
                            for j, n in enumerate(names)}
     return out, samples
 
@@ -200,10 +341,13 @@ class DecoderBlock(nn.Module):
 
 
 class ReportDecoder(nn.Module):
-    """prefix features (B, P, F) -> projector Linear-GELU-Linear -> P prefix tokens, then <bos> w1 .. wn; a
-    causal transformer predicts every next word. n_prefix = 0: the no-image baseline (the decoder alone)."""
+    """prefix features (B, P, F) -> projector Linear-GELU-Linear, applied to each of the P tokens (LLaVA-style)
+    -> P prefix tokens, then <bos> w1 .. wn; a causal transformer predicts every next word. n_prefix = 0: the
+    no-image baseline (the decoder alone). n_labels > 0 adds an auxiliary head on the hidden state at <bos>
+    (which has attended to the whole prefix) predicting the report's findings: it makes the prefix pathway carry
+    the findings from the first step, instead of leaving it to the few words that name them."""
 
-    def __init__(self, feat_dim, n_prefix, vocab_size, width=256, layers=4, max_len=100, dropout=0.1):
+    def __init__(self, feat_dim, n_prefix, vocab_size, width=256, layers=4, max_len=100, dropout=0.1, n_labels=0):
         super().__init__()
         self.n_prefix = n_prefix
         self.proj = nn.Sequential(nn.Linear(feat_dim, width), nn.GELU(), nn.Linear(width, width)) \
@@ -213,26 +357,32 @@ class ReportDecoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(n_prefix + max_len + 2, width) * 0.02)
         self.blocks = nn.ModuleList(DecoderBlock(width, E.n_heads(width), dropout) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
+        self.aux = nn.Linear(width, n_labels) if n_labels and n_prefix else None
 
-    def step(self, x, start, caches=None):
-        """x (B, T, W) at positions start.. -> logits (B, T, V) and the updated per-layer caches."""
+    def step(self, x, start, caches=None, hidden=False):
+        """x (B, T, W) at positions start.. -> logits (B, T, V) and the updated per-layer caches (and the final
+        normalised hidden states (B, T, W) if hidden)."""
         x = x + self.pos[start:start + x.shape[1]]
         new = []
         for i, blk in enumerate(self.blocks):
             x, kv = blk(x, None if caches is None else caches[i])
             new.append(kv)
-        return self.head(self.norm(x)), new
+        h = self.norm(x)
+        return (self.head(h), new, h) if hidden else (self.head(h), new)
 
-    def start(self, prefix, words):
-        """Prefix + words at once -> (logits of the word positions (B, L, V), caches)."""
+    def start(self, prefix, words, hidden=False):
+        """Prefix + words at once -> (logits of the word positions (B, L, V), caches[, hidden at those])."""
         x = self.embed(words)
         if self.proj is not None:
             x = torch.cat([self.proj(prefix), x], 1)
-        logits, caches = self.step(x, 0)
-        return logits[:, self.n_prefix:], caches
+        logits, caches, h = self.step(x, 0, hidden=True)
+        out = logits[:, self.n_prefix:], caches
+        return out + (h[:, self.n_prefix:],) if hidden else out
 
-    def forward(self, prefix, words):                  # teacher forcing: words = <bos> w1 .. wn <eos> <pad>..
-        return self.start(prefix, words)[0]
+    def forward(self, prefix, words, aux=False):      # teacher forcing: words = <bos> w1 .. wn <eos> <pad>..
+        """-> word logits (B, L, V), and with aux=True also the finding logits (B, n_labels) read at <bos>."""
+        logits, _, h = self.start(prefix, words, hidden=True)
+        return (logits, self.aux(h[:, 0])) if aux else logits
 
 
 @torch.no_grad()
@@ -282,42 +432,96 @@ def encode_reports(texts, vocab, max_len):
     return ids
 
 
-def train_decoder(prefix, ids, vocab_size, tr, va, args, device, log, name):
-    """Teacher forcing, AdamW + cosine schedule over --report-epochs; returns the model at the epoch with the
-    lowest val loss (token-averaged cross-entropy), and that epoch and loss."""
+def abnormal_weights(texts, max_len, weight):
+    """Per-position loss weights aligned with encode_reports' ids: `weight` on the words (and the full stop) of
+    every sentence the labeler finds a finding in, 1 elsewhere. Why: on these reports most words are the normal
+    template, so the cross-entropy is minimised by the template; the few words that name a finding are exactly
+    the ones that need the image, and up-weighting them makes reading the image pay."""
+    w = torch.ones(len(texts), max_len + 2)
+    for i, t in enumerate(texts):
+        pos = 1                                                   # position 0 is <bos>
+        for sent in re.findall(r"[^.]*(?:\.|$)", t):
+            n = len(tokenize(sent))
+            if n and any(label_report(sent).values()):
+                w[i, pos:min(pos + n, max_len + 1)] = weight
+            pos += n
+    return w
+
+
+def report_labels(texts):
+    """The labeler's binary labels (U-ones) of each text -> float tensor (N, L), LABELER_FINDINGS order."""
+    return torch.tensor([[label_report(t)[k] for k in LABELER_FINDINGS] for t in texts], dtype=torch.float)
+
+
+def decode(model, prefix, rows, beam, max_len, device, chunk=128):
+    """Token-id lists for the given rows (prefix None: the no-image decoder)."""
+    out = []
+    for i in range(0, len(rows), chunk):
+        r = rows[i:i + chunk]
+        out += beam_search(model, None if prefix is None else prefix[r], len(r), beam, max_len, device)
+    return out
+
+
+def train_decoder(prefix, ids, vocab_size, tr, va, args, device, log, name, labels=None, weights=None,
+                  inv=None, val_labels=None):
+    """Teacher forcing, AdamW + cosine schedule over --report-epochs. The loss is the token cross-entropy,
+    weighted by `weights` (abnormal_weights), plus --report-aux times the findings loss (BCE of the auxiliary
+    head against `labels`, the labeler's labels of the train reports). Model selection: with --report-select ce
+    (and val_labels given), the epoch whose greedy val reports have the highest CE F1 macro, ties broken by the
+    lower val loss: val loss alone keeps a decoder that writes the template well and the findings badly;
+    --report-select loss: the lowest val loss (token-averaged, unweighted). -> (model, {val_loss, val_ce_f1_macro,
+    epoch})."""
     torch.manual_seed(args.seed)
     n_prefix, feat_dim = prefix.shape[1:] if prefix is not None else (0, 0)
+    aux_w = args.report_aux if labels is not None and n_prefix else 0.0
     model = ReportDecoder(feat_dim, n_prefix, vocab_size, args.report_width, args.report_layers,
-                          args.report_max_len, args.report_dropout).to(device)
+                          args.report_max_len, args.report_dropout,
+                          n_labels=labels.shape[1] if aux_w else 0).to(device)
     get = lambda rows: None if prefix is None else prefix[rows].to(device)  # noqa: E731
 
-    def loss_of(rows):
-        w = ids[rows, :int((ids[rows] != PAD).sum(1).max())].to(device)    # cut the batch's all-<pad> columns
-        return F.cross_entropy(model(get(rows), w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(),
-                               ignore_index=PAD)
+    def loss_of(rows, weighted):
+        n = int((ids[rows] != PAD).sum(1).max())                       # cut the batch's all-<pad> columns
+        w = ids[rows, :n].to(device)
+        logits, aux = model(get(rows), w[:, :-1], aux=True) if aux_w else (model(get(rows), w[:, :-1]), None)
+        ce = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), ignore_index=PAD, reduction="none")
+        mask = (w[:, 1:] != PAD).flatten().float()
+        tw = mask * (weights[rows, 1:n].to(device).flatten() if weighted and weights is not None else 1.0)
+        loss = (ce * tw).sum() / tw.sum()
+        if aux is not None and weighted:
+            loss = loss + aux_w * F.binary_cross_entropy_with_logits(aux, labels[rows].to(device))
+        return loss
     opt = torch.optim.AdamW(model.parameters(), lr=args.report_lr, weight_decay=0.01)
     steps = args.report_epochs * math.ceil(len(tr) / args.batch_size)
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     g = torch.Generator().manual_seed(args.seed)
-    best = (math.inf, 0, None)
+    by_ce = args.report_select == "ce" and val_labels is not None and n_prefix > 0
+    best = ((-math.inf, -math.inf), 0, None, None)
     for epoch in tqdm(range(1, args.report_epochs + 1), desc=f"decoder {name}", leave=False):
         model.train()
         for idx in torch.randperm(len(tr), generator=g).split(args.batch_size):
-            loss = loss_of(tr[idx])
+            loss = loss_of(tr[idx], True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step(); sched.step()
         model.eval()
         with torch.no_grad():                                  # token-weighted mean over the val split
             n_tok = [(ids[va[i:i + 256], 1:] != PAD).sum().item() for i in range(0, len(va), 256)]
-            val = sum(loss_of(va[i:i + 256]).item() * k
+            val = sum(loss_of(va[i:i + 256], False).item() * k
                       for i, k in zip(range(0, len(va), 256), n_tok)) / sum(n_tok)
-        if val < best[0]:
-            best = (val, epoch, copy.deepcopy(model.state_dict()))
+        ce = None
+        if by_ce:                                              # greedy val reports, labelled like test ones
+            hyp = decode(model, prefix, va, 1, args.report_max_len, device)
+            pred = report_labels([detokenize([inv[j] for j in s]) for s in hyp]).bool().numpy()
+            ce = clinical_efficacy(pred, val_labels.bool().numpy())["ce_f1_macro"] or 0.0
+        key = (ce if by_ce else 0.0, -val)
+        if key > best[0]:
+            best = (key, epoch, copy.deepcopy(model.state_dict()), val)
     model.load_state_dict(best[2])
-    log(f"    decoder {name}: best val loss {best[0]:.4f} at epoch {best[1]} of {args.report_epochs}")
-    return model, {"val_loss": best[0], "epoch": best[1]}
+    ce_txt = f", val CE F1 macro {best[0][0]:.3f}" if by_ce else ""
+    log(f"    decoder {name}: kept epoch {best[1]} of {args.report_epochs} (val loss {best[3]:.4f}{ce_txt}; "
+        f"selected on {'val CE F1 macro, then loss' if by_ce else 'val loss'})")
+    return model, {"val_loss": best[3], "epoch": best[1], "val_ce_f1_macro": best[0][0] if by_ce else None}
 
 
 def nearest_train(tokens, tr, te):
@@ -328,9 +532,25 @@ def nearest_train(tokens, tr, te):
     return tr[(z[te] @ z[tr].T).argmax(1).numpy()]
 
 
+def image_prefix(tokens, tr, args):
+    """Frozen tokens (N, g*g, D) -> the decoder's prefix features, standardized with train statistics:
+    --report-prefix tokens: every patch token (g*g prefix tokens, the LLaVA recipe: small findings stay in their
+    own token); grid: tokens mean-pooled on a --report-grid square grid (G*G prefix tokens, the older default)."""
+    if args.report_prefix == "grid":
+        D = tokens.shape[2]
+        tokens = E.grid_pool(tokens, args.report_grid).view(len(tokens), D, -1).transpose(1, 2)   # (N, G*G, D)
+    tokens = tokens.float()
+    mu, sd = E.standardizer(tokens[tr])
+    return (tokens - mu) / sd
+
+
 def report_task(data, text, feats, enc_names, size, args, device, log):
     """text: the report of every dataset row ("" = none; eval.report_texts, checked before any feature was
-    extracted). Trains and scores every system; returns (metrics["report"], examples for the pictures)."""
+    extracted). Trains and scores every system; returns (metrics["report"], examples for the pictures).
+    Systems: one decoder per encoder, "none" (no image), "oracle" (the decoder given the labeler's labels of the
+    reference itself as its prefix: the ceiling, shows the decoder can write findings when it is told them),
+    "shuffled-jepa" (the JEPA decoder given another test image's tokens: if it reads the image, its CE F1 falls
+    to the level of a report about a random patient), and retrieval with each encoder's features."""
     has = np.array([bool(t) for t in text])
     tr, va, te = (np.flatnonzero((data["split"] == s) & has) for s in plumbing.SPLITS)
     counts = collections.Counter(w for i in tr for w in tokenize(text[i]))
@@ -338,34 +558,36 @@ def report_task(data, text, feats, enc_names, size, args, device, log):
                                                                   if c >= args.report_min_count))}
     inv = {i: w for w, i in vocab.items()}
     ids = encode_reports(text, vocab, args.report_max_len)
+    weights = abnormal_weights(text, args.report_max_len, args.report_abnormal_weight)
+    labels = report_labels(text)                                 # (N, L): aux targets, oracle prefix, val CE
     refs = [tokenize(text[i]) for i in te]
     pats = data["patients"][te]
     groups = [np.flatnonzero(pats == p) for p in dict.fromkeys(pats)]
     resamples = E.bootstrap_indices(groups, args.n_boot, args.seed)
     log(f"report: {len(tr)}/{len(va)}/{len(te)} train/val/test reports, vocabulary {len(vocab)} words "
-        f"(min count {args.report_min_count}), section {args.report_section}, prefix {args.report_grid}x"
-        f"{args.report_grid} tokens")
+        f"(min count {args.report_min_count}), section {args.report_section}, prefix {args.report_prefix}"
+        + (f" {args.report_grid}x{args.report_grid}" if args.report_prefix == "grid" else "")
+        + f", train reports with a finding {int(labels[tr].amax(1).sum())}")
     trt, vat = torch.from_numpy(tr), torch.from_numpy(va)
-    hyps, info = {}, {}
-    for name in enc_names + ["none"]:
-        if name == "none":
-            prefix = None
-        else:
-            tok = feats[(name, size)]["tokens"]
-            D = tok.shape[2]
-            prefix = E.grid_pool(tok, args.report_grid).view(len(tok), D, -1).transpose(1, 2)   # (N, G*G, D)
-            mu, sd = E.standardizer(prefix[tr])
-            prefix = (prefix - mu) / sd
+    hyps, info, models, prefixes = {}, {}, {}, {}
+    for name in enc_names + ["none", "oracle"]:
+        prefix = None if name == "none" else labels[:, None, :] if name == "oracle" else \
+            image_prefix(feats[(name, size)]["tokens"], tr, args)
         t0 = time.time()
-        model, info[name] = train_decoder(prefix, ids, len(vocab), trt, vat, args, device, log, name)
+        model, info[name] = train_decoder(prefix, ids, len(vocab), trt, vat, args, device, log, name,
+                                          labels=labels, weights=weights, inv=inv, val_labels=labels[va])
         for mode, k in (("greedy", 1), ("beam3", 3)):
-            out = []
-            for i in range(0, len(te), 128):
-                rows = torch.from_numpy(te[i:i + 128])
-                out += beam_search(model, None if prefix is None else prefix[rows], len(rows), k,
-                                   args.report_max_len, device)
-            hyps[f"{name}/{mode}"] = [[inv[j] for j in s] for s in out]
+            hyps[f"{name}/{mode}"] = [[inv[j] for j in s] for s in decode(model, prefix, te, k,
+                                                                          args.report_max_len, device)]
         info[name]["seconds"] = round(time.time() - t0, 1)
+        models[name], prefixes[name] = model, prefix
+    if "jepa" in models:                                         # the image is read <=> this falls
+        perm = te[np.random.default_rng(args.seed).permutation(len(te))]
+        shuffled = prefixes["jepa"].clone()
+        shuffled[te] = prefixes["jepa"][perm]
+        for mode, k in (("greedy", 1), ("beam3", 3)):
+            hyps[f"shuffled-jepa/{mode}"] = [[inv[j] for j in s] for s in decode(models["jepa"], shuffled, te, k,
+                                                                                   args.report_max_len, device)]
     for name in enc_names:
         near = nearest_train(feats[(name, size)]["tokens"], tr, te)
         hyps[f"retrieval-{name}"] = [tokenize(text[i]) for i in near]
@@ -376,31 +598,95 @@ def report_task(data, text, feats, enc_names, size, args, device, log):
             f"{res[key]['rouge_l']:.3f}  CE F1 micro {E.fmt(res[key]['ce_f1_micro'])} macro "
             f"{E.fmt(res[key]['ce_f1_macro'])}")
     vs = {}
-    val = lambda k: (lambda _, m: res[k][m])  # noqa: E731
+    def val(k):                                   # a metric's point value, per-label F1 included
+        return lambda _, m: res[k]["ce_per_label"][m[3:]]["f1"] if m.startswith("f1:") else res[k][m]
     pairs = [(f"jepa/{d}", b) for d in ("greedy", "beam3") for b in
-             [f"{n}/{d}" for n in enc_names[1:] + ["none"]] + ["retrieval-jepa"]]
+             [f"{n}/{d}" for n in enc_names[1:] + ["none", "shuffled-jepa", "oracle"]] + ["retrieval-jepa"]]
     for a, b in pairs + [("retrieval-jepa", f"retrieval-{n}") for n in enc_names[1:]]:
+        if a not in res or b not in res:
+            continue
         ok = [("all", m) for m in REPORT_METRICS if res[a][m] is not None and res[b][m] is not None]
+        ok += [("all", f"f1:{n}") for n, e in res[a]["ce_per_label"].items() if e["f1"] is not None]
         vs.setdefault(a, {})[b] = E.compare(samples[a], samples[b], val(a), val(b), ok).get("all", {})
-    pick = [i for i in range(len(te)) if any(label_report(text[te[i]]).values())][:3]
-    pick += [i for i in range(len(te)) if i not in pick][:6 - len(pick)]
-    examples = [{"row": int(te[i]), "id": data["ids"][te[i]], "reference": text[te[i]],
-                 **{k: detokenize(hyps[f"{k}/beam3"][i]) for k in ("jepa", "random") if f"{k}/beam3" in hyps}}
-                for i in pick]
-    config = {k: getattr(args, k) for k in ("report_section", "report_grid", "report_width", "report_layers",
-                                            "report_epochs", "report_lr", "report_max_len",
-                                            "report_min_count", "report_dropout")}
+    examples = [{"row": int(te[i]), "id": data["ids"][te[i]], "reference": text[te[i]], "finding": f,
+                 **{k: detokenize(hyps[f"{k}/beam3"][i]) for k in ("jepa", "random", "none", "oracle")
+                    if f"{k}/beam3" in hyps},
+                 **{k: detokenize(hyps[k][i]) for k in ("retrieval-jepa",) if k in hyps}}
+                for i, f in pick_examples([text[t] for t in te])]
+    config = {k: getattr(args, k) for k in ("report_section", "report_prefix", "report_grid", "report_width",
+                                            "report_layers", "report_epochs", "report_lr", "report_max_len",
+                                            "report_min_count", "report_dropout", "report_aux",
+                                            "report_abnormal_weight", "report_select")}
     return {"systems": res, "vs": vs, "decoders": info, "examples": examples, "n_test": int(len(te)),
             "n_train": int(len(tr)), "vocab_size": len(vocab), "labels": list(LABELER_FINDINGS),
-            "config": config}, examples
+            "uncertain_policy": "U-ones (uncertain mentions count as positive)", "config": config}, examples
+
+
+def pick_examples(refs, n_normal=1):
+    """Test positions to show: for each finding, the first reference that states it (and no other finding, when
+    one exists), then n_normal references with no finding. -> [(position, finding or "normal")]."""
+    lab = [label_report(t) for t in refs]
+    out = []
+    for f in LABELER_FINDINGS:
+        cands = [i for i, l in enumerate(lab) if l[f] and i not in {j for j, _ in out}]
+        alone = [i for i in cands if sum(lab[i].values()) == 1]
+        if cands:
+            out.append(((alone or cands)[0], f))
+    out += [(i, "normal") for i, l in enumerate(lab) if not any(l.values())][:n_normal]
+    return out
+
+
+HEADLINE = "beam3"                                          # the decoding the verdict and the examples use
+
+
+def report_verdict(r):
+    """The section's first paragraph: does the JEPA decoder write the findings, better than random init, than
+    no image and than retrieval, and does it read the image at all (shuffled features, the oracle ceiling)."""
+    s, vs = r["systems"], r["vs"]
+    a = f"jepa/{HEADLINE}"
+    if a not in s:
+        return "**Verdict:** no JEPA decoder ran."
+
+    def cmp(b, label):
+        if b not in s:
+            return None
+        t = vs.get(a, {}).get(b, {}).get("ce_f1_macro")
+        p = E.fmt_p(t) if t else "-"
+        p = p if p.startswith("<") else "= " + p
+        word = {"better": "significantly better than", "worse": "significantly worse than"}.get(
+            (t or {}).get("verdict"), "not significantly different from")
+        return f"{word} {label} ({E.fmt(s[b]['ce_f1_macro'])}, p {p})"
+    ja = s[a]
+    parts = [c for c in (cmp(f"random/{HEADLINE}", "random init"), cmp(f"none/{HEADLINE}", "no image"),
+                         cmp("retrieval-jepa", "retrieval in JEPA space")) if c]
+    text = (f"**Verdict:** the decoder on JEPA features reaches CE F1 macro {E.fmt(ja['ce_f1_macro'], ja['ce_f1_macro_ci'])}"
+            f" (micro {E.fmt(ja['ce_f1_micro'], ja['ce_f1_micro_ci'])}, beam 3): " + "; ".join(parts) + ".")
+    sh = vs.get(a, {}).get(f"shuffled-jepa/{HEADLINE}", {}).get("ce_f1_macro")
+    if sh:
+        reads = sh.get("verdict") == "better"
+        text += (f" With another test image's features it falls to {E.fmt(s[f'shuffled-jepa/{HEADLINE}']['ce_f1_macro'])}"
+                 f" (p {E.fmt_p(sh)}): the decoder " + ("reads the image." if reads else
+                                                       "does not measurably read the image."))
+    if f"oracle/{HEADLINE}" in s:
+        text += (f" Told the reference's findings (oracle) the same decoder reaches "
+                 f"{E.fmt(s[f'oracle/{HEADLINE}']['ce_f1_macro'])}: the ceiling of what reading the image could give.")
+    return text
 
 
 def report_markdown(r):
-    """The report.md section: main table, paired p-values, per-label CE F1, six examples."""
+    """The report.md section: verdict, main table, paired p-values, per-finding CE F1 with CIs and p-values,
+    one example per finding and one normal."""
     c = r["config"]
+    prefix = c.get("report_prefix", "grid")
     L = ["", f"## Report generation ({r['n_train']} train / {r['n_test']} test reports, "
          f"{c['report_section']}; decoder {c['report_layers']}x{c['report_width']}, prefix "
-         f"{c['report_grid']}x{c['report_grid']} tokens, vocabulary {r['vocab_size']})", "",
+         + (f"{c['report_grid']}x{c['report_grid']} pooled tokens" if prefix == "grid" else "all patch tokens")
+         + f", vocabulary {r['vocab_size']})", "", report_verdict(r), "",
+         "Systems: a decoder per encoder; **none** (no image: the decoder alone); **oracle** (given the labeler's "
+         "findings of the reference as its prefix: the ceiling); **shuffled-jepa** (the JEPA decoder given another "
+         "test image's features: what is left when the image is not read); **retrieval** (the nearest train "
+         "image's report). CE = clinical efficacy, the labeler's findings in generated vs reference text; "
+         + r.get("uncertain_policy", "U-ones") + ".", "",
          "| system | decoding | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 [95% CI] | ROUGE-L [95% CI] | CE P / R "
          "micro | CE F1 micro [95% CI] | CE F1 macro [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, s in r["systems"].items():
@@ -418,20 +704,26 @@ def report_markdown(r):
     for a, row in r["vs"].items():
         for b, t in row.items():
             L.append(f"| {a} vs {b} | " + " | ".join(E.fmt_p(t.get(k)) for k in keys) + " |")
-    names = list(r["systems"])
-    L += ["", "Clinical-efficacy F1 per finding (labeler on generated vs reference; n = positive "
-          "references):",
-          "",
-          "| finding | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    shown = [k for k in (f"jepa/{HEADLINE}", f"random/{HEADLINE}", f"none/{HEADLINE}", f"shuffled-jepa/{HEADLINE}",
+                         f"oracle/{HEADLINE}", "retrieval-jepa", "retrieval-random") if k in r["systems"]]
+    against = [k for k in shown[1:] if k in r["vs"].get(shown[0], {})] if shown and shown[0].startswith("jepa") \
+        else []
+    L += ["", f"Clinical-efficacy F1 per finding [95% CI] ({HEADLINE} for the decoders; n = positive references), "
+          "and the paired p-value of jepa against each:", "",
+          "| finding | n | " + " | ".join(shown) + " | " + " | ".join(f"p vs {k.split('/')[0]}" for k in against)
+          + " |", "|---|---|" + "---|" * (len(shown) + len(against))]
     for lab in r["labels"]:
-        e0 = r["systems"][names[0]]["ce_per_label"][lab]
+        e0 = r["systems"][shown[0]]["ce_per_label"][lab] if shown else {"n_ref": 0}
         if e0["n_ref"]:
-            f1 = [f"{r['systems'][k]['ce_per_label'][lab]['f1']:.2f}" for k in names]
-            L.append(f"| {lab} | {e0['n_ref']} | " + " | ".join(f1) + " |")
-    L += ["", "Test examples (beam 3), also in `report_examples.png`:", "",
-          "| image | reference | jepa | random |", "|---|---|---|---|"]
-    L += [f"| {e['id']} | {e['reference']} | {e.get('jepa', '-')} | {e.get('random', '-')} |"
-          for e in r["examples"]]
+            f1 = [E.fmt(r["systems"][k]["ce_per_label"][lab]["f1"], r["systems"][k]["ce_per_label"][lab].get("f1_ci"))
+                  for k in shown]
+            ps = [E.fmt_p(r["vs"][shown[0]][k].get(f"f1:{lab}")) for k in against]
+            L.append(f"| {lab} | {e0['n_ref']} | " + " | ".join(f1 + ps) + " |")
+    cols = [k for k in ("jepa", "random", "none", "retrieval-jepa") if any(k in e for e in r["examples"])]
+    L += ["", f"Test examples ({HEADLINE}), one per finding and one normal, also in `report_examples.png`:", "",
+          "| finding | image | reference | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    L += [f"| {e.get('finding', '-')} | {e['id']} | {e['reference']} | " + " | ".join(e.get(k, "-") for k in cols)
+          + " |" for e in r["examples"]]
     return L
 
 

@@ -141,12 +141,15 @@ def test_log_records_are_typed_and_loss_png_has_one_panel_per_curve_with_axes(ti
     _, run, _ = tiny
     recs = [json.loads(line) for line in open(run / "log.jsonl")]
     assert recs[0]["type"] == "header" and "config" in recs[0]
-    assert [r["type"] for r in recs[1:]] == ["train"] * 3 and all("loss" in r for r in recs[1:])
+    train = [r for r in recs[1:] if r["type"] == "train"]
+    probes = [r for r in recs[1:] if r["type"] == "probe"]               # the online probe: labelled data
+    assert len(train) == 3 and all("loss" in r for r in train) and len(train) + len(probes) == len(recs) - 1
+    assert [r["step"] for r in probes] == [0, 1, 2, 3] and all(0 <= r["auroc"] <= 1 for r in probes)
     im = np.asarray(Image.open(run / "loss.png").convert("RGB")).astype(int)
-    assert im.shape[0] == 3 * 170                                       # loss, target_std, target_erank
+    assert im.shape[0] == 4 * 170                          # loss, target_std, target_erank, online probe
     black = (im.sum(-1) == 0)
     navy = (im[..., 0] == 0) & (im[..., 1] == 0) & (im[..., 2] == 128)
-    for i in range(3):
+    for i in range(4):
         top, bot = i * 170 + 24, (i + 1) * 170 - 30
         assert (black | navy)[top:bot + 1, 60].all() and black[top, 60:700].all()   # y axis (the curve starts
         assert black[bot, 60:700].mean() > 0.9                              # on it) and frame

@@ -386,16 +386,21 @@ def test_eval_task_report_end_to_end(tiny):
     assert E.main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--task", "report"] + SMALL) == 0
     m = json.loads((out / "metrics.json").read_text())
     r = m["report"]
-    systems = {f"{e}/{d}" for e in ("jepa", "random", "pixels", "none") for d in ("greedy", "beam3")}
+    systems = {f"{e}/{d}" for e in ("jepa", "random", "pixels", "none", "oracle", "shuffled-jepa")
+               for d in ("greedy", "beam3")}
     assert set(r["systems"]) == systems | {"retrieval-jepa", "retrieval-random", "retrieval-pixels"}
     for s in r["systems"].values():
         for k in R.REPORT_METRICS:
             assert s[k] is None or 0.0 <= s[k] <= 1.0
-    assert set(r["vs"]["jepa/beam3"]) == {"random/beam3", "pixels/beam3", "none/beam3", "retrieval-jepa"}
+    assert set(r["vs"]["jepa/beam3"]) == {"random/beam3", "pixels/beam3", "none/beam3", "shuffled-jepa/beam3",
+                                          "oracle/beam3", "retrieval-jepa"}
+    assert "ce_f1_macro" in r["vs"]["jepa/beam3"]["random/beam3"]
     assert set(r["vs"]["retrieval-jepa"]) == {"retrieval-random", "retrieval-pixels"}
-    assert len(r["examples"]) == min(6, r["n_test"]) >= 4 and all(e["reference"] for e in r["examples"])
+    assert 2 <= len(r["examples"]) <= 9 and all(e["reference"] for e in r["examples"])
+    assert len({e["finding"] for e in r["examples"]}) == len(r["examples"])     # one per finding, one normal
     md = (out / "report.md").read_text()
     assert "## Report generation" in md and "| retrieval-jepa |" in md and "Classification" not in md
+    assert "**Verdict:**" in md and "| oracle |" in md and "| shuffled-jepa |" in md
     assert (out / "report_examples.png").stat().st_size > 0
 
 
