@@ -1161,12 +1161,12 @@ def parse_args(argv):
     r.add_argument("--report-section", default="findings", choices=["findings", "impression", "both"],
                    help="text to generate: FINDINGS (the IMPRESSION where a report has none), IMPRESSION, or "
                         "both")
-    r.add_argument("--report-grid", type=int, default=4, help="prefix = tokens mean-pooled on a G x G grid: "
-                                                              "G*G tokens")
+    r.add_argument("--report-grid", type=int, default=4, help="with --report-prefix grid: tokens mean-pooled on "
+                                                              "a G x G grid, G*G prefix tokens")
     r.add_argument("--report-width", type=int, default=256, help="decoder width")
     r.add_argument("--report-layers", type=int, default=4, help="decoder depth")
-    r.add_argument("--report-epochs", type=int, default=30, help="decoder epochs (the best on val loss is "
-                                                                 "kept)")
+    r.add_argument("--report-epochs", type=int, default=30, help="decoder epochs (the best on val is kept: "
+                                                                 "--report-select)")
     r.add_argument("--report-lr", type=float, default=5e-4, help="decoder AdamW learning rate (cosine "
                                                                  "schedule)")
     r.add_argument("--report-dropout", type=float, default=0.1, help="decoder dropout")

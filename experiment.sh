@@ -53,7 +53,7 @@ case "$MODE" in
   smoke)
     N=96;    SIZE=128; SEED=0; POOL=0
     TRAIN=(--model vit_tiny --width 64 --heads 2 --depth 2 --pred-width 32 --pred-depth 1 --patch 16 --img-size 64
-           --batch-size 16 --steps 20 --warmup 4 --workers 0 --log-every 5)
+           --min-ctx 4 --batch-size 16 --steps 20 --warmup 4 --workers 0 --log-every 5)
     EVAL=(--img-size 128 --seg-img-size 128 --epochs 5 --seg-epochs 5 --n-boot 100 --mask-size 64 --batch-size 32
           --report-epochs 2 --report-width 32 --report-layers 1) ;;
   cpu|cpu-long|ablate)

@@ -484,6 +484,15 @@ def check_types(cls, values, where):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
+def succeeds(fn, *args):
+    """True if fn(*args) returns, False if it raises BadInput (a rate of refusals, e.g. of mask draws)."""
+    try:
+        fn(*args)
+        return True
+    except BadInput:
+        return False
+
+
 def check_ranges(cfg, ranges):
     """ranges: [(space-separated field names, what is allowed, test)] -> BadInput naming the first bad flag."""
     for names, allowed, ok in ranges:
@@ -737,10 +746,18 @@ class OnlineProbe:
         self.names, self.size = info["label_names"], size
         self.x, self.y = {}, {}
         for split, rs in rows.items():  # decoded once: [n, 1, size, size] in [0, 1]
-            imgs = [np.asarray(Image.fromarray(load_image(os.path.join(root, r["image"])), mode="F")
-                               .resize((size, size), Image.BILINEAR), np.float32) for r in rs]
-            self.x[split] = torch.from_numpy(np.stack(imgs).clip(0, 1))[:, None]
-            self.y[split] = np.array([r["labels"] for r in rs], np.float64)  # nan = unknown
+            imgs, ys = [], []
+            for r in rs:
+                try:
+                    img = load_image(os.path.join(root, r["image"]))
+                except BadImage:  # training names unreadable files; the probe only leaves them out
+                    continue
+                imgs.append(np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR)))
+                ys.append(r["labels"])
+            if not imgs:
+                raise BadInput(f"online probe: no readable {split} image in {root}")
+            self.x[split] = torch.from_numpy(np.stack(imgs).astype(np.float32).clip(0, 1))[:, None]
+            self.y[split] = np.array(ys, np.float64)  # nan = unknown
 
     @staticmethod
     def why_off(root):

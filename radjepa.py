@@ -134,11 +134,21 @@ def make_config(given, base=None):
         raise BadInput(f"--model {model!r} is not one of {', '.join(PRESETS)}")
     if not base or "model" in given:
         cfg.update(PRESETS[model])
-    c = plumbing.check_config(Config(**{**cfg, **given}))  # ranges, and flags that must agree
-    for s in range(8):  # an impossible masking setting fails now, not in a worker mid-run
-        sample_masks(torch.Generator().manual_seed(s), c.grid, c.n_targets, c.tgt_scale,
-                     c.tgt_aspect, c.ctx_scale, c.min_ctx)
-    return c
+    return plumbing.check_config(Config(**{**cfg, **given}))  # ranges, flags that must agree
+
+
+def check_masking(c):
+    """Before training: an impossible masking setting fails now, not in a worker mid-run, and so
+    does a rarely possible one (< 20% of draws: 100 tries per image can all fail in a long run)."""
+    def masks(s, tries):  # one image's masks, from seed s
+        return sample_masks(torch.Generator().manual_seed(s), c.grid, c.n_targets, c.tgt_scale,
+                            c.tgt_aspect, c.ctx_scale, c.min_ctx, tries)
+    for s in range(8):
+        masks(s, 100)
+    if (ok := sum(plumbing.succeeds(masks, s, 1) for s in range(100))) < 20:
+        raise BadInput(f"masking: only {ok} of 100 draws leave >= {c.min_ctx} context patches on a "
+                       f"{c.grid[0]}x{c.grid[1]} grid (a long run would fail mid-way); use a "
+                       f"larger --img-size, smaller --tgt-scale or --min-ctx")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -794,6 +804,7 @@ def main(argv=None):
     try:
         base = plumbing.resume_config(ck_path) if given.get("resume") else None
         c = make_config(given, base)
+        check_masking(c)
         if c.threads:  # idle OpenMP threads spin: on a shared CPU, fewer threads can be much faster
             torch.set_num_threads(c.threads)
         if base:  # another architecture is refused; other changed flags get a warning

@@ -134,8 +134,9 @@ _HEDGE = (r"possible|possibly|probable|questionable|question of|suspect(?:ed)?|s
           r"|concern(?:ing)? for|worrisome for|(?:may|might|could|would|can) (?:also )?(?:be|represent|reflect|indicate"
           r"|include|be due to|relate to)|differential (?:diagnosis )?(?:includes?|of)|versus|vs|equivocal"
           r"|indeterminate|less likely|unlikely|borderline|cannot be assessed|not (?:well )?(?:assessed|evaluated)")
-_POST_NEGATION = (r"(?:has|have) (?:since )?(?:resolved|cleared|been removed|been excluded)|(?:is|are) (?:no longer|not)"
-                  r" (?:seen|present|visible|evident|identified|demonstrated|visualized|appreciated)|(?:is|are) absent"
+_POST_NEGATION = (r"(?:has|have) (?:since )?(?:resolved|cleared|been removed|been excluded)|(?:is|are) "
+                  r"(?:no longer|not) (?:seen|present|visible|evident|identified|demonstrated|visualized|appreciated)"
+                  r"|(?:is|are) absent"
                   r"|(?:has|have) been ruled out|resolved|removed")
 _POST_HEDGE = (r"(?:is|are) (?:suspected|questioned|possible|not excluded|a consideration|considered)|(?:cannot|can "
                r"not) be (?:entirely )?(?:excluded|ruled out)|(?:is|are) not (?:entirely )?(?:excluded|ruled out)"
@@ -659,14 +660,15 @@ def report_verdict(r):
     ja = s[a]
     parts = [c for c in (cmp(f"random/{HEADLINE}", "random init"), cmp(f"none/{HEADLINE}", "no image"),
                          cmp("retrieval-jepa", "retrieval in JEPA space")) if c]
-    text = (f"**Verdict:** the decoder on JEPA features reaches CE F1 macro {E.fmt(ja['ce_f1_macro'], ja['ce_f1_macro_ci'])}"
-            f" (micro {E.fmt(ja['ce_f1_micro'], ja['ce_f1_micro_ci'])}, beam 3): " + "; ".join(parts) + ".")
+    text = (f"**Verdict:** the decoder on JEPA features reaches CE F1 macro "
+            f"{E.fmt(ja['ce_f1_macro'], ja['ce_f1_macro_ci'])} (micro "
+            f"{E.fmt(ja['ce_f1_micro'], ja['ce_f1_micro_ci'])}, beam 3): " + "; ".join(parts) + ".")
     sh = vs.get(a, {}).get(f"shuffled-jepa/{HEADLINE}", {}).get("ce_f1_macro")
     if sh:
         reads = sh.get("verdict") == "better"
-        text += (f" With another test image's features it falls to {E.fmt(s[f'shuffled-jepa/{HEADLINE}']['ce_f1_macro'])}"
-                 f" (p {E.fmt_p(sh)}): the decoder " + ("reads the image." if reads else
-                                                       "does not measurably read the image."))
+        shuffled = s[f"shuffled-jepa/{HEADLINE}"]["ce_f1_macro"]
+        text += (f" With another test image's features it falls to {E.fmt(shuffled)} (p {E.fmt_p(sh)}): the "
+                 f"decoder " + ("reads the image." if reads else "does not measurably read the image."))
     if f"oracle/{HEADLINE}" in s:
         text += (f" Told the reference's findings (oracle) the same decoder reaches "
                  f"{E.fmt(s[f'oracle/{HEADLINE}']['ce_f1_macro'])}: the ceiling of what reading the image could give.")

@@ -17,6 +17,8 @@ Clone-only (not installed); run each file from the repository root:
                                                              changed per row, probed by eval.py
   cost.py            python -m bench.cost --out DIR          FLOPs, GPU-hours on 1/8/64 H100s and memory by
                                                              micro-batch and --accum (--measure: on this CPU)
+  probe_agreement.py python -m bench.probe_agreement OUT ...  does the online probe (--probe-every) rank a run's
+                                                             checkpoints like eval.py's probes? Spearman's rho
 
 Each takes --smoke (or a tiny configuration) that runs on a CPU; its timings mean nothing. This file holds
 what several of them need: the --out check and the result writer.

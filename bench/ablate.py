@@ -144,7 +144,9 @@ def train_config(argv, what):
     try:
         with contextlib.redirect_stderr(err):
             given = radjepa.parse_args(argv)
-        return radjepa.make_config(given)
+        c = radjepa.make_config(given)
+        radjepa.check_masking(c)
+        return c
     except SystemExit:
         reason = (err.getvalue().strip().splitlines() or ["bad flags"])[-1]
         reason = reason.split("error: ", 1)[-1].removeprefix("argument ")

@@ -9,9 +9,9 @@ probe's first record; eval.py's random-init reference).
     -> OUT/run/ (the run: log.jsonl, loss.png), OUT/ckpt_STEP.pt, OUT/eval_STEP/ (eval.py's report),
        OUT/agreement.json, OUT/agreement.md (printed), OUT/agreement.png (online probe and offline probes by step)
 
-Spearman's rho between the online probe and each offline metric (grid and mean-pooled linear probe macro AUROC,
-anatomy Dice when the data has masks) over the checkpoints. Resumable: a checkpoint or an evaluation already on
-disk is not redone.
+Spearman's rho between the online probe and each offline metric (grid and mean-pooled linear probe macro AUROC;
+anatomy Dice, the mean of lungs and heart, when segmentation ran) over the checkpoints. Resumable: a checkpoint or
+an evaluation already on disk is not redone.
 """
 import argparse
 import json
@@ -47,10 +47,10 @@ def offline(metrics, who):
         enc, probe = key.split("/", 1)
         if enc == who:
             out[f"{probe} AUROC"] = entry["macro"]["auroc"]
-    seg = metrics.get("segmentation", {})
-    for key, entry in (seg.items() if isinstance(seg, dict) else ()):
-        if key.split("/", 1)[0] == who and isinstance(entry, dict) and "mean_dice" in entry:
-            out["Dice"] = entry["mean_dice"]
+    dice = metrics.get("segmentation", {}).get(who, {}).get("dice", {})
+    anatomy = [dice[s]["dice"] for s in ("lungs", "heart") if s in dice]
+    if anatomy:  # the structures every image has (findings' Dice is dominated by empty masks)
+        out["anatomy Dice"] = float(np.mean(anatomy))
     return out
 
 
@@ -59,7 +59,7 @@ def run(py, args, cwd=REPO):
     subprocess.run([py] + args, cwd=cwd, check=True)
 
 
-def plot(rows, online, path, w=720, h=360):
+def plot(rows, path, w=720, h=360):
     """Each series min-max scaled into the panel (their ranges differ), its range written in its label."""
     im = Image.new("RGB", (w, h), "white")
     d, x0, x1, top, bot = ImageDraw.Draw(im), 60, w - 20, 40, h - 40
@@ -104,8 +104,9 @@ def main(argv=None):
             shutil.copyfile(os.path.join(run_dir, "ckpt.pt"), ck + ".tmp")
             os.replace(ck + ".tmp", ck)
         ev = os.path.join(out, f"eval_{at}")
-        if not os.path.exists(os.path.join(ev, "metrics.json")) or \
-                "segmentation" not in plumbing.read_json(os.path.join(ev, "metrics.json")):
+        done = plumbing.read_json(os.path.join(ev, "metrics.json")) if os.path.exists(
+            os.path.join(ev, "metrics.json")) else {}   # (eval.py rewrites it after each task)
+        if "classification" not in done or ("segmentation" not in done and "cls" not in a.eval_flags):
             run(a.python, ["eval.py", "--ckpt", ck, "--data", a.eval_data, "--out", ev,
                            *shlex.split(a.eval_flags)])
     probes = {r["step"]: r["auroc"] for r in plumbing.read_log(os.path.join(run_dir, "log.jsonl"), "probe")}
@@ -129,7 +130,7 @@ def main(argv=None):
            + ", ".join(f"{k} {v:+.2f}" if v is not None else f"{k} undefined" for k, v in rho.items())]
     plumbing.write_json(os.path.join(out, "agreement.json"), result)
     plumbing.write_text(os.path.join(out, "agreement.md"), "\n".join(md) + "\n")
-    plot(rows, probes, os.path.join(out, "agreement.png"))
+    plot(rows, os.path.join(out, "agreement.png"))
     print("\n".join(md))
 
 

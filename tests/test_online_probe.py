@@ -80,8 +80,11 @@ def test_probe_scores_a_readable_label_1_and_a_constant_encoder_at_chance(tmp_pa
         Image.fromarray((img * 255).astype(np.uint8)).save(tmp_path / "images" / f"{i}.png")
         rows.append(f"images/{i}.png,p{i},{'train' if i < 40 else 'val'},{int(bright)},{int(rng.random() < .5)}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    rows.append("images/broken.png,pb,train,1,0")                              # an unreadable one: left out
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     assert plumbing.OnlineProbe.why_off(str(tmp_path)) is None
-    probe = plumbing.OnlineProbe(str(tmp_path), 32, n_train=40)
+    probe = plumbing.OnlineProbe(str(tmp_path), 32, n_train=41)
     assert len(probe.y["train"]) == 40 and len(probe.y["val"]) == 20          # val: half of n_train at most
     macro, per = probe(Quadrants())
     assert per["TopLeft"] == 1.0 and 0.0 <= per["Noise"] <= 1.0
@@ -146,3 +149,17 @@ def test_collapse_is_said_once_in_words():
     assert "from 40.0 to 15.0" in lines[2] and "--lr" in lines[2]
     resumed = plumbing.StepStats(first_erank=40.0)                          # a resumed run keeps its start
     assert "collapse" in resumed.record(50, 0, target_erank=19.0, **kw)[1]
+
+
+def test_agreement_bench_spearman_and_metrics_reader():
+    from bench.probe_agreement import offline, spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1, 2, 3, 4) vs (2, 1, 4, 3): d = (1, 1, 1, 1), rho = 1 - 6 * 4 / (4 * 15) = 0.6
+    assert spearman([0.1, 0.2, 0.3, 0.4], [5, 1, 9, 7]) == pytest.approx(0.6)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+    m = {"classification": {"jepa/grid": {"macro": {"auroc": 0.6}}, "random/grid": {"macro": {"auroc": 0.5}}},
+         "segmentation": {"jepa": {"dice": {"lungs": {"dice": 0.8}, "heart": {"dice": 0.6},
+                                            "nodule": {"dice": 0.9}}}}}
+    assert offline(m, "jepa") == {"grid AUROC": 0.6, "anatomy Dice": pytest.approx(0.7)}
+    assert offline(m, "random") == {"grid AUROC": 0.5}

@@ -372,7 +372,7 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     radjepa.main(["--data", str(data), "--out", str(run), "--model", "vit_tiny", "--depth", "2", "--width", "64",
                   "--heads", "2", "--pred-width", "32", "--pred-depth", "1", "--patch", "16", "--img-size", "64",
-                  "--batch-size", "8", "--steps", "2", "--warmup", "1", "--workers", "0"])
+                  "--batch-size", "8", "--steps", "2", "--warmup", "1", "--workers", "0", "--min-ctx", "4"])
     return data, run / "ckpt.pt", root
 
 
