@@ -706,7 +706,8 @@ def train(c: Config):
     probe = master and every and plumbing.OnlineProbe.open(c.probe_data or c.data, c.img_size,
                                                            c.probe_images, print)
     bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True)
-    stats = plumbing.StepStats(next((r["target_erank"] for r in plumbing.read_log(log_path)), None))
+    stats = plumbing.StepStats(next((r["target_erank"] for r in plumbing.read_log(log_path)
+                                     if "target_erank" in r), None))  # a resumed run's start
     t_run, t_probe, said = time.time(), 0.0, ""
 
     def probe_at(at):  # the probe's seconds are kept out of the next log line's img/s

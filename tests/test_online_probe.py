@@ -163,3 +163,15 @@ def test_agreement_bench_spearman_and_metrics_reader():
                                             "nodule": {"dice": 0.9}}}}}
     assert offline(m, "jepa") == {"grid AUROC": 0.6, "anatomy Dice": pytest.approx(0.7)}
     assert offline(m, "random") == {"grid AUROC": 0.5}
+
+
+def test_resume_from_a_log_whose_records_lack_the_rank(tmp_path):
+    """Logs of older versions have train records without target_erank: the collapse watch starts afresh."""
+    data, out = blob_images(tmp_path / "data"), tmp_path / "run"
+    common = ["--data", str(data), "--out", str(out), "--steps", "4"] + TINY
+    radjepa.main(common + ["--stop-at", "2"])
+    log = out / "log.jsonl"
+    recs = [json.loads(line) for line in open(log)]
+    log.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "target_erank"}) + "\n" for r in recs))
+    radjepa.main(common + ["--resume"])
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 4
