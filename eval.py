@@ -929,16 +929,11 @@ def pretraining_summary(ckpt):
     s = dict(step=step, batch_size=c["batch_size"], images_seen=step * c["batch_size"], width=c["width"],
              depth=c["depth"], img_size=c["img_size"], loss=None, erank=None, train_images=None)
     log_path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "log.jsonl")
-    if os.path.isfile(log_path):
-        with open(log_path) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        # typed records; an untyped (legacy) log's train lines have "loss", its header "images"
-        train = [r for r in recs if r.get("type", "train" if "loss" in r else None) == "train"]
-        head = [r for r in recs if r.get("type", "header" if "images" in r else None) == "header"]
-        if train:
-            s["loss"], s["erank"] = train[-1]["loss"], train[-1].get("target_erank")
-        if head:
-            s["train_images"] = head[-1].get("images")
+    train, head = plumbing.read_log(log_path), plumbing.read_log(log_path, "header")
+    if train:
+        s["loss"], s["erank"] = train[-1]["loss"], train[-1].get("target_erank")
+    if head:
+        s["train_images"] = head[-1].get("images")
     return s
 
 

@@ -847,11 +847,14 @@ LEGEND = [(60, 110, 255), (230, 60, 60), (60, 180, 75), (245, 160, 30), (170, 60
 
 
 def read_log(log_path, type="train"):
-    """The records of one type in log.jsonl (records of the first, untyped logs count as "train")."""
-    if not os.path.exists(log_path):
+    """The records of one type in log.jsonl ([] without one). The first logs were untyped: their train
+    records have "loss", their header "images"."""
+    if not os.path.isfile(log_path):
         return []
     with open(log_path, encoding="utf-8") as f:
-        return [r for r in map(json.loads, f) if r.get("type", "train" if "loss" in r else None) == type]
+        recs = [json.loads(line) for line in f if line.strip()]
+    legacy = lambda r: "train" if "loss" in r else "header" if "images" in r else None  # noqa: E731
+    return [r for r in recs if r.get("type", legacy(r)) == type]
 
 
 def plot_log(log_path, png_path, curves, w=720, ph=170):
