@@ -552,11 +552,13 @@ def seg_loss(logits, gt, known):
 # ------------------------------------------------------------------------------------------------------------
 # 5. Running the probes for one encoder (fit on train, select on val, predict test once)
 
-def fit_classification(probe, feats, data, args, device, log):
-    """Returns test-split scores [n_test, L] (probabilities) and the chosen hyper-parameters."""
+def fit_classification(probe, feats, data, args, device, log, rows=None):
+    """Returns the scores (probabilities) [n, L] of `rows` (default: the test split) and the chosen
+    hyper-parameters. data: "labels" [N, L] (nan = unknown) and "split"; fit on train, chosen on val."""
     sp = data["split"]
     y = torch.tensor(data["labels"], dtype=torch.float32)
     tr, va, te = (torch.from_numpy(np.flatnonzero(sp == s)) for s in plumbing.SPLITS)
+    te = te if rows is None else torch.as_tensor(rows)
     y_val = data["labels"][va.numpy()]
     if probe in ("linear", "grid"):
         x = feats["pooled"].float() if probe == "linear" else grid_pool(feats["tokens"], args.grid)
@@ -1175,6 +1177,14 @@ def parse_args(argv):
                    help="weight of the auxiliary findings loss (labeler labels of the train reports, read at <bos>)")
     r.add_argument("--report-abnormal-weight", type=float, default=5.0,
                    help="loss weight of the words of sentences that state a finding (1 = unweighted)")
+    r.add_argument("--report-decoder", default="guided", choices=["guided", "prefix"],
+                   help="guided: a findings head on the frozen tokens (--report-head) says which findings the "
+                        "image has (thresholds chosen for F1 on val), and one decoder trained to write a report "
+                        "from findings (the oracle's) writes it; prefix: a decoder per encoder reading the "
+                        "image tokens directly (LLaVA-style, --report-prefix); BENCHMARKS.md section 15 compares")
+    r.add_argument("--report-head", default="attentive", choices=["linear", "grid", "attentive"],
+                   help="--report-decoder guided: the findings head, one of the classification probes "
+                        "(--epochs, --grid and --batch-size apply)")
     r.add_argument("--report-select", default="ce", choices=["ce", "loss"],
                    help="keep the epoch with the best val CE F1 macro (ties: val loss), or the lowest val loss")
     quick = ", ".join(f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"

@@ -46,9 +46,12 @@ if [ "$MODE" = gpu-check ]; then exec "$PY" -m bench.gpu_check --out "$OUT"; fi
 # - three classification probes (eval.py --probe all): mean-pooled linear, grid-pooled linear (4x4 cells: keeps where
 #   things are, which is what the phantom findings change), attentive. The report also gives each encoder's
 #   effective rank (dimensional collapse shows there) and, for the findings, Dice on the images that have them.
-# - report generation on a CPU: a 2-layer, 64-wide decoder for 10 epochs (the default 4 x 256 costs ~4x more per
-#   epoch; the phantom reports have a 62-word vocabulary): 410 CPU-s measured, <= 10 min on 2 cores (BENCHMARKS.md §7).
-REPORT_CPU=(--report-width 64 --report-layers 2 --report-epochs 10 --report-lr 2e-3)
+# - report generation on a CPU (--report-decoder guided, the default): per encoder a findings head (the attentive
+#   probe, --epochs) says which findings the image has, and one 2-layer, 64-wide decoder trained for 30 epochs to
+#   write a report from findings writes it (the phantom reports have a 62-word vocabulary; the default 4 x 256
+#   costs ~4x more per epoch; told the true findings, it wrote them with CE F1 0.83 after 10 epochs, 0.98-1.0 after 30:
+#   BENCHMARKS.md section 15).
+REPORT_CPU=(--report-width 64 --report-layers 2 --report-epochs 30 --report-lr 2e-3)
 case "$MODE" in
   smoke)
     N=96;    SIZE=128; SEED=0; POOL=0
@@ -92,8 +95,10 @@ echo "experiment $MODE -> $OUT ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, pyt
 "$PY" data_prep.py synthetic "$OUT/data" --n "$N" --size "$SIZE" --seed "$SEED" --phantom-version "$PHANTOM"
 # 1b. the unlabeled pretraining pool (other patients than every labeled phantom); POOL=0: pretrain on OUT/data
 PRE="$OUT/data"
+PROBE=()          # the online probe (radjepa.py --probe-every) needs labels: on the pool, it uses the labeled set
 if [ "$POOL" -gt 0 ]; then
   PRE="$OUT/pool"
+  PROBE=(--probe-data "$OUT/data")
   "$PY" data_prep.py synthetic "$PRE" --n "$POOL" --size "$SIZE" --seed $((SEED + 1)) --phantom-version "$PHANTOM" \
     --workers "$(nproc)"
 fi
@@ -107,7 +112,7 @@ if [ "$MODE" = ablate ]; then  # N short pretraining runs + the same probes for 
 fi
 
 # 2. JEPA pretraining on the train split of the pool (or OUT/data): radjepa.py reads split==train of a prepared folder
-"$PY" radjepa.py --data "$PRE" --out "$OUT/jepa" --seed "$SEED" --resume "${TRAIN[@]}"
+"$PY" radjepa.py --data "$PRE" --out "$OUT/jepa" --seed "$SEED" --resume "${TRAIN[@]}" "${PROBE[@]}"
 stamp "pretrain"
 
 # 3. probes: the checkpoint vs a random-init twin (paired tests) vs raw pixels, classification + segmentation

@@ -5,14 +5,24 @@ features and calls report_task; this file holds the second model (a small causal
 for the image prefix), its text metrics and the labeler. It builds on eval.py's metrics, pooling and
 statistics (the one import between them: eval.py imports this file only where it is used).
 
-  frozen tokens [N, g*g, D] -> every patch token (--report-prefix tokens; or the mean over each cell of a G x G
-  grid, --report-prefix grid --report-grid G) -> standardize (train statistics) -> 2-layer MLP projector applied
-  to each token (LLaVA-style) -> prefix of a causal transformer decoder trained from scratch with teacher forcing
-  on the train reports. Loss: token cross-entropy with the words of finding sentences up-weighted
-  (--report-abnormal-weight) + an auxiliary findings head read at <bos> (--report-aux; targets = the labeler's
-  labels of the train reports). Kept: the epoch with the best val CE F1 macro of greedy val reports, ties by val
-  loss (--report-select ce; or the lowest val loss) -> test decoded once, greedy and beam search (width 3),
-  capped at --report-max-len words.
+Two designs (--report-decoder), measured against each other in BENCHMARKS.md section 15:
+  guided (the default): frozen tokens -> a findings head (--report-head: eval.py's linear, grid or attentive
+  probe, trained on the labeler's labels of the train reports, chosen on val macro AUROC) -> finding
+  probabilities -> binary findings, each finding's threshold chosen for F1 on the val reports (f1_thresholds)
+  -> the prefix of a decoder trained to write a report from its findings (the "oracle" decoder below, trained
+  once on the true labels of the train reports and shared by every encoder). Why: a decoder trained on ~1,400
+  reports writes a finding only where it is the likelier continuation, i.e. where the image makes it more than
+  50% likely; a frozen encoder's features rarely make a finding of prevalence 0.15 that certain, so the
+  LLaVA-style decoder below writes the normal template for nearly every image, although a probe on the same
+  features ranks the findings well. Cutting each finding's probability where F1 is best is what CE F1 asks for.
+  prefix: frozen tokens [N, g*g, D] -> every patch token (--report-prefix tokens; or the mean over each cell of a
+  G x G grid, --report-prefix grid --report-grid G) -> standardize (train statistics) -> 2-layer MLP projector
+  applied to each token (LLaVA-style) -> prefix of a causal transformer decoder per encoder, trained from scratch.
+Either decoder: teacher forcing on the train reports. Loss: token cross-entropy with the words of finding
+  sentences up-weighted (--report-abnormal-weight) + an auxiliary findings head read at <bos> (--report-aux;
+  targets = the labeler's labels of the train reports). Kept: the epoch with the best val CE F1 macro of greedy
+  val reports, ties by val loss (--report-select ce; or the lowest val loss) -> test decoded once, greedy and
+  beam search (width 3), capped at --report-max-len words.
 Text: the FINDINGS section (the IMPRESSION when a report has no findings; --report-section), lower-cased,
 words and punctuation marks as tokens; the vocabulary is the train split's words seen at least
 --report-min-count times, the rest is <unk>. Metrics compare generated and reference token lists:
@@ -23,11 +33,13 @@ words and punctuation marks as tokens; the vocabulary is the train split's words
   Clinical efficacy (CE): label_report() on the generated and on the reference text; precision/recall/F1,
           micro (pooled counts) and macro (mean over labels with a positive reference in the test set).
 Baselines under the same decoder and budget: random-init encoder, raw pixels, "none" (no prefix: the decoder
-alone learns the most typical report), and retrieval (the report of the nearest train image by cosine
-similarity of the standardized mean-pooled tokens; "retrieval-jepa", and the same with each other encoder's
-tokens, which compares the feature spaces with no training at all). Sanity systems: "oracle" (the decoder given
-the labeler's labels of the reference as its prefix: can it write findings at all?) and "shuffled-jepa" (the
-JEPA decoder given another test image's tokens: does it read the image?). CIs and p-values: eval.py's patient
+alone learns the most typical report), "prior" (guided only: no image under the same F1 rule, i.e. each finding
+stated for every patient when that scores a higher val F1 than never stating it: the honest no-image level of a
+system tuned for F1), and retrieval (the report of the nearest train image by cosine similarity of the
+standardized mean-pooled tokens; "retrieval-jepa", and the same with each other encoder's tokens, which compares
+the feature spaces with no training at all). Sanity systems: "oracle" (the decoder given the labeler's labels of
+the reference as its prefix: can it write findings at all?) and "shuffled-jepa" (the JEPA system given another
+test image's tokens: does it read the image? it should fall to the prior's level). CIs and p-values: eval.py's patient
 bootstrap and paired test, also per finding.
 """
 import collections
@@ -545,13 +557,60 @@ def image_prefix(tokens, tr, args):
     return (tokens - mu) / sd
 
 
+def f1_thresholds(y, s):
+    """Per label, the score threshold that maximises F1 on these rows (y [n, L] 0/1 with nan = unknown, s [n, L]
+    probabilities): predict positive where s >= threshold. The cut lies midway between the lowest score kept and
+    the next lower one (not on a val score itself, which would be brittle on new images). A label with no
+    positive here gets 0.5 if it has any known row (nothing to tune on: the probability's own cut), else inf.
+    Why not 0.5 everywhere: for a finding of prevalence 0.15 that a head separates only partly, the F1-optimal cut
+    is far below 0.5; a decoder that writes a finding only when it is the likelier outcome misses most of them."""
+    out = np.full(y.shape[1], np.inf)
+    for j in range(y.shape[1]):
+        k = np.isfinite(y[:, j])
+        yj, sj = y[k, j] > 0.5, s[k, j]
+        if not yj.any():
+            out[j] = 0.5 if k.any() else np.inf
+            continue
+        order = np.argsort(-sj, kind="stable")
+        ss = sj[order]
+        tp = np.cumsum(yj[order]); fp = np.cumsum(~yj[order])     # predicting the top i+1 as positive
+        f1 = 2 * tp / (2 * tp + fp + (yj.sum() - tp))
+        last = np.r_[ss[1:] != ss[:-1], True]                     # only cut between distinct scores
+        i = int(np.argmax(np.where(last, f1, -1)))
+        out[j] = (ss[i] + ss[i + 1]) / 2 if i + 1 < len(ss) else ss[i]
+    return out
+
+
+def findings_head(feats, labels, has, data, args, device, log, name):
+    """The guided decoder's first stage: a probe (--report-head: eval.py's linear, grid or attentive probe, fit on
+    the train reports' labeler labels, chosen on val macro AUROC) -> finding probabilities of every row ->
+    binary findings with per-finding thresholds chosen for F1 on the val reports. -> (findings (N, L) float,
+    info)."""
+    y = labels.numpy().astype(np.float64)
+    y[~has] = np.nan                                           # images without a report: unknown
+    rows = np.arange(len(y))
+    probs, hp = E.fit_classification(args.report_head, feats, {"labels": y, "split": data["split"]}, args,
+                                      device, log, rows=rows)
+    va = np.flatnonzero((data["split"] == "val") & has)
+    thr = f1_thresholds(y[va], probs[va])
+    pred = probs >= thr
+    f1 = label_f1(pred[va], y[va] > 0.5)                      # nan where val has no positive
+    per = {n: {"threshold": None if not np.isfinite(t) else float(t),
+               "val_f1": None if np.isnan(f) else float(f)} for n, t, f in zip(LABELER_FINDINGS, thr, f1)}
+    log(f"    findings head {name} ({args.report_head}): val macro AUROC {hp['val_macro_auroc']:.3f}; val F1 "
+        + ", ".join(f"{n} {v['val_f1']:.2f}" for n, v in per.items() if v["val_f1"] is not None))
+    return torch.from_numpy(pred).float(), {"head": args.report_head, **hp, "findings": per}
+
+
 def report_task(data, text, feats, enc_names, size, args, device, log):
     """text: the report of every dataset row ("" = none; eval.report_texts, checked before any feature was
     extracted). Trains and scores every system; returns (metrics["report"], examples for the pictures).
-    Systems: one decoder per encoder, "none" (no image), "oracle" (the decoder given the labeler's labels of the
+    Systems: one per encoder, "none" (no image), "oracle" (the decoder given the labeler's labels of the
     reference itself as its prefix: the ceiling, shows the decoder can write findings when it is told them),
-    "shuffled-jepa" (the JEPA decoder given another test image's tokens: if it reads the image, its CE F1 falls
-    to the level of a report about a random patient), and retrieval with each encoder's features."""
+    "shuffled-jepa" (the JEPA system given another test image: if it reads the image, its CE F1 falls to the
+    level of a report about a random patient), and retrieval with each encoder's features.
+    --report-decoder guided (the default): each encoder's system is findings_head (image -> findings) feeding
+    the oracle's decoder (findings -> words); prefix: a decoder per encoder on the image tokens themselves."""
     has = np.array([bool(t) for t in text])
     tr, va, te = (np.flatnonzero((data["split"] == s) & has) for s in plumbing.SPLITS)
     counts = collections.Counter(w for i in tr for w in tokenize(text[i]))
@@ -565,30 +624,46 @@ def report_task(data, text, feats, enc_names, size, args, device, log):
     pats = data["patients"][te]
     groups = [np.flatnonzero(pats == p) for p in dict.fromkeys(pats)]
     resamples = E.bootstrap_indices(groups, args.n_boot, args.seed)
+    guided = args.report_decoder == "guided"
     log(f"report: {len(tr)}/{len(va)}/{len(te)} train/val/test reports, vocabulary {len(vocab)} words "
-        f"(min count {args.report_min_count}), section {args.report_section}, prefix {args.report_prefix}"
-        + (f" {args.report_grid}x{args.report_grid}" if args.report_prefix == "grid" else "")
+        f"(min count {args.report_min_count}), section {args.report_section}, decoder {args.report_decoder} "
+        + (f"({args.report_head} findings head)" if guided else f"(prefix {args.report_prefix}"
+           + (f" {args.report_grid}x{args.report_grid})" if args.report_prefix == "grid" else ")"))
         + f", train reports with a finding {int(labels[tr].amax(1).sum())}")
     trt, vat = torch.from_numpy(tr), torch.from_numpy(va)
     hyps, info, models, prefixes = {}, {}, {}, {}
-    for name in enc_names + ["none", "oracle"]:
+
+    def generate(name, model, prefix):
+        for mode, k in (("greedy", 1), ("beam3", 3)):
+            hyps[f"{name}/{mode}"] = [[inv[j] for j in s] for s in decode(model, prefix, te, k,
+                                                                          args.report_max_len, device)]
+    for name in ["oracle", "none"] + ([] if guided else enc_names):
         prefix = None if name == "none" else labels[:, None, :] if name == "oracle" else \
             image_prefix(feats[(name, size)]["tokens"], tr, args)
         t0 = time.time()
         model, info[name] = train_decoder(prefix, ids, len(vocab), trt, vat, args, device, log, name,
                                           labels=labels, weights=weights, inv=inv, val_labels=labels[va])
-        for mode, k in (("greedy", 1), ("beam3", 3)):
-            hyps[f"{name}/{mode}"] = [[inv[j] for j in s] for s in decode(model, prefix, te, k,
-                                                                          args.report_max_len, device)]
+        generate(name, model, prefix)
         info[name]["seconds"] = round(time.time() - t0, 1)
         models[name], prefixes[name] = model, prefix
+    for name in enc_names if guided else ():                     # image -> findings -> the oracle's decoder
+        t0 = time.time()
+        prefixes[name], info[name] = findings_head(feats[(name, size)], labels, has, data, args, device, log, name)
+        prefixes[name] = prefixes[name][:, None, :]
+        models[name] = models["oracle"]
+        generate(name, models[name], prefixes[name])
+        info[name]["seconds"] = round(time.time() - t0, 1)
+    if guided:     # no image under the same F1 rule: the constant prevalence scores, cut where F1 is best on val
+        prior = np.tile(labels[tr].numpy().mean(0), (len(labels), 1))
+        prefixes["prior"] = torch.from_numpy(prior >= f1_thresholds(labels[va].numpy(), prior[va])).float()[:, None]
+        generate("prior", models["oracle"], prefixes["prior"])
     if "jepa" in models:                                         # the image is read <=> this falls
         perm = te[np.random.default_rng(args.seed).permutation(len(te))]
         shuffled = prefixes["jepa"].clone()
         shuffled[te] = prefixes["jepa"][perm]
-        for mode, k in (("greedy", 1), ("beam3", 3)):
-            hyps[f"shuffled-jepa/{mode}"] = [[inv[j] for j in s] for s in decode(models["jepa"], shuffled, te, k,
-                                                                                   args.report_max_len, device)]
+        generate("shuffled-jepa", models["jepa"], shuffled)
+    order = [f"{n}/" for n in enc_names + ["none", "prior", "oracle", "shuffled-jepa"]]
+    hyps = dict(sorted(hyps.items(), key=lambda kv: next(i for i, o in enumerate(order) if kv[0].startswith(o))))
     for name in enc_names:
         near = nearest_train(feats[(name, size)]["tokens"], tr, te)
         hyps[f"retrieval-{name}"] = [tokenize(text[i]) for i in near]
@@ -602,7 +677,8 @@ def report_task(data, text, feats, enc_names, size, args, device, log):
     def val(k):                                   # a metric's point value, per-label F1 included
         return lambda _, m: res[k]["ce_per_label"][m[3:]]["f1"] if m.startswith("f1:") else res[k][m]
     pairs = [(f"jepa/{d}", b) for d in ("greedy", "beam3") for b in
-             [f"{n}/{d}" for n in enc_names[1:] + ["none", "shuffled-jepa", "oracle"]] + ["retrieval-jepa"]]
+             [f"{n}/{d}" for n in enc_names[1:] + ["none", "prior", "shuffled-jepa", "oracle"]] + ["retrieval-jepa"]]
+    pairs += [(f"shuffled-jepa/{d}", f"prior/{d}") for d in ("greedy", "beam3")]     # fallen to the no-image level?
     for a, b in pairs + [("retrieval-jepa", f"retrieval-{n}") for n in enc_names[1:]]:
         if a not in res or b not in res:
             continue
@@ -617,7 +693,8 @@ def report_task(data, text, feats, enc_names, size, args, device, log):
     config = {k: getattr(args, k) for k in ("report_section", "report_prefix", "report_grid", "report_width",
                                             "report_layers", "report_epochs", "report_lr", "report_max_len",
                                             "report_min_count", "report_dropout", "report_aux",
-                                            "report_abnormal_weight", "report_select")}
+                                            "report_abnormal_weight", "report_select", "report_decoder",
+                                            "report_head")}
     return {"systems": res, "vs": vs, "decoders": info, "examples": examples, "n_test": int(len(te)),
             "n_train": int(len(tr)), "vocab_size": len(vocab), "labels": list(LABELER_FINDINGS),
             "uncertain_policy": "U-ones (uncertain mentions count as positive)", "config": config}, examples
@@ -658,17 +735,26 @@ def report_verdict(r):
             (t or {}).get("verdict"), "not significantly different from")
         return f"{word} {label} ({E.fmt(s[b]['ce_f1_macro'])}, p {p})"
     ja = s[a]
-    parts = [c for c in (cmp(f"random/{HEADLINE}", "random init"), cmp(f"none/{HEADLINE}", "no image"),
+    parts = [c for c in (cmp(f"random/{HEADLINE}", "random init"), cmp(f"none/{HEADLINE}", "no image (the decoder "
+                                                                        "alone)"),
+                         cmp(f"prior/{HEADLINE}", "no image under the same F1 rule (every finding stated for "
+                                                  "every patient where that pays)"),
                          cmp("retrieval-jepa", "retrieval in JEPA space")) if c]
-    text = (f"**Verdict:** the decoder on JEPA features reaches CE F1 macro "
+    text = (f"**Verdict:** the JEPA system reaches CE F1 macro "
             f"{E.fmt(ja['ce_f1_macro'], ja['ce_f1_macro_ci'])} (micro "
             f"{E.fmt(ja['ce_f1_micro'], ja['ce_f1_micro_ci'])}, beam 3): " + "; ".join(parts) + ".")
     sh = vs.get(a, {}).get(f"shuffled-jepa/{HEADLINE}", {}).get("ce_f1_macro")
     if sh:
         reads = sh.get("verdict") == "better"
         shuffled = s[f"shuffled-jepa/{HEADLINE}"]["ce_f1_macro"]
-        text += (f" With another test image's features it falls to {E.fmt(shuffled)} (p {E.fmt_p(sh)}): the "
-                 f"decoder " + ("reads the image." if reads else "does not measurably read the image."))
+        text += (f" Given another test image it falls to {E.fmt(shuffled)} (p {E.fmt_p(sh)}): it "
+                 + ("reads the image" if reads else "does not measurably read the image"))
+        lvl = vs.get(f"shuffled-jepa/{HEADLINE}", {}).get(f"prior/{HEADLINE}", {}).get("ce_f1_macro")
+        if lvl:
+            text += {"better": ", though still above the no-image prior (p {p})",
+                     "worse": ", below the no-image prior (p {p})"}.get(
+                lvl.get("verdict"), ", to the no-image prior's level (p {p} for a difference)").format(p=E.fmt_p(lvl))
+        text += "."
     if f"oracle/{HEADLINE}" in s:
         text += (f" Told the reference's findings (oracle) the same decoder reaches "
                  f"{E.fmt(s[f'oracle/{HEADLINE}']['ce_f1_macro'])}: the ceiling of what reading the image could give.")
@@ -680,15 +766,22 @@ def report_markdown(r):
     one example per finding and one normal."""
     c = r["config"]
     prefix = c.get("report_prefix", "grid")
+    guided = c.get("report_decoder") == "guided"
+    design = (f"findings head ({c['report_head']} probe) -> decoder {c['report_layers']}x{c['report_width']}"
+              if guided else f"decoder {c['report_layers']}x{c['report_width']}, prefix "
+              + (f"{c['report_grid']}x{c['report_grid']} pooled tokens" if prefix == "grid" else "all patch tokens"))
     L = ["", f"## Report generation ({r['n_train']} train / {r['n_test']} test reports, "
-         f"{c['report_section']}; decoder {c['report_layers']}x{c['report_width']}, prefix "
-         + (f"{c['report_grid']}x{c['report_grid']} pooled tokens" if prefix == "grid" else "all patch tokens")
-         + f", vocabulary {r['vocab_size']})", "", report_verdict(r), "",
-         "Systems: a decoder per encoder; **none** (no image: the decoder alone); **oracle** (given the labeler's "
-         "findings of the reference as its prefix: the ceiling); **shuffled-jepa** (the JEPA decoder given another "
-         "test image's features: what is left when the image is not read); **retrieval** (the nearest train "
-         "image's report). CE = clinical efficacy, the labeler's findings in generated vs reference text; "
-         + r.get("uncertain_policy", "U-ones") + ".", "",
+         f"{c['report_section']}; {design}, vocabulary {r['vocab_size']})", "", report_verdict(r), "",
+         ("Systems: per encoder, a findings head on its frozen tokens says which findings the image has (each "
+          "finding's threshold chosen for F1 on the val reports) and the oracle's decoder writes the report from "
+          "them; " if guided else "Systems: a decoder per encoder on its frozen tokens; ")
+         + "**none** (no image: the decoder alone, it writes the most typical report); "
+         + ("**prior** (no image under the same F1 rule: a finding is stated for every patient when that scores a "
+            "higher val F1 than never stating it); " if guided else "")
+         + "**oracle** (the decoder given the labeler's findings of the reference: the ceiling); **shuffled-jepa** "
+         "(the JEPA system given another test image: what is left when the image is not read); **retrieval** (the "
+         "nearest train image's report). CE = clinical efficacy, the labeler's findings in generated vs reference "
+         "text; " + r.get("uncertain_policy", "U-ones") + ".", "",
          "| system | decoding | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 [95% CI] | ROUGE-L [95% CI] | CE P / R "
          "micro | CE F1 micro [95% CI] | CE F1 macro [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, s in r["systems"].items():
@@ -706,7 +799,8 @@ def report_markdown(r):
     for a, row in r["vs"].items():
         for b, t in row.items():
             L.append(f"| {a} vs {b} | " + " | ".join(E.fmt_p(t.get(k)) for k in keys) + " |")
-    shown = [k for k in (f"jepa/{HEADLINE}", f"random/{HEADLINE}", f"none/{HEADLINE}", f"shuffled-jepa/{HEADLINE}",
+    shown = [k for k in (f"jepa/{HEADLINE}", f"random/{HEADLINE}", f"none/{HEADLINE}", f"prior/{HEADLINE}",
+                         f"shuffled-jepa/{HEADLINE}",
                          f"oracle/{HEADLINE}", "retrieval-jepa", "retrieval-random") if k in r["systems"]]
     against = [k for k in shown[1:] if k in r["vs"].get(shown[0], {})] if shown and shown[0].startswith("jepa") \
         else []

@@ -9,6 +9,11 @@ probe's first record; eval.py's random-init reference).
     -> OUT/run/ (the run: log.jsonl, loss.png), OUT/ckpt_STEP.pt, OUT/eval_STEP/ (eval.py's report),
        OUT/agreement.json, OUT/agreement.md (printed), OUT/agreement.png (online probe and offline probes by step)
 
+A step whose online probe is not in the log (the run probed at other steps, e.g. every 400 while its checkpoints
+were kept every 500) gets it from the checkpoint: the probe is a function of the target encoder alone (fixed
+images, closed-form ridge, no random draw), so online_from_checkpoint gives what the run would have logged (in
+fp32; a run trained under bf16 autocast logged it in bf16, equal to ~1e-3).
+
 Spearman's rho between the online probe and each offline metric (grid and mean-pooled linear probe macro AUROC;
 anatomy Dice, the mean of lungs and heart, when segmentation ran) over the checkpoints. Resumable: a checkpoint or
 an evaluation already on disk is not redone.
@@ -52,6 +57,14 @@ def offline(metrics, who):
     if anatomy:  # the structures every image has (findings' Dice is dominated by empty masks)
         out["anatomy Dice"] = float(np.mean(anatomy))
     return out
+
+
+def online_from_checkpoint(path):
+    """The online probe's macro AUROC for a checkpoint's target encoder, with the run's own probe settings."""
+    import radjepa
+    enc = radjepa.load_encoder(path)
+    c = enc.config
+    return plumbing.OnlineProbe(c["probe_data"] or c["data"], c["img_size"], c["probe_images"])(enc)[0]
 
 
 def run(py, args, cwd=REPO):
@@ -115,8 +128,8 @@ def main(argv=None):
         rows.append(dict(step=0, online=probes[0], offline=offline(first, "random")))
     for at in sorted(set(a.at)):
         if at not in probes:
-            raise SystemExit(f"error: the run's log has no online probe at step {at}: give --probe-every so "
-                             f"that it divides every --at step")
+            print(f"step {at}: no online probe in the log; computing it from {out}/ckpt_{at}.pt", flush=True)
+            probes[at] = online_from_checkpoint(os.path.join(out, f"ckpt_{at}.pt"))
         m = plumbing.read_json(os.path.join(out, f"eval_{at}", "metrics.json"))
         rows.append(dict(step=at, online=probes[at], offline=offline(m, "jepa")))
     keys = [k for k in rows[-1]["offline"] if all(k in r["offline"] for r in rows)]

@@ -125,6 +125,10 @@ def test_exact_resume_with_the_probe_on(prep, tmp_path, capsys):
     header = json.loads(open(tmp_path / "split" / "log.jsonl").readline())
     assert header["config"]["probe_every"] == 2
     assert (tmp_path / "straight" / "loss.png").exists()
+    # bench.probe_agreement fills a step the log lacks from the checkpoint: the same value the run logged
+    from bench.probe_agreement import online_from_checkpoint
+    got = online_from_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    assert got == pytest.approx(logs["straight"][-1]["auroc"], abs=1e-9)
 
 
 def test_loss_png_has_the_probe_panel(tmp_path):

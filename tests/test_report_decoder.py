@@ -130,3 +130,62 @@ def test_report_markdown_verdict_and_per_finding_rows():
     assert "0.600" in verdict and "significantly better than random init (0.300" in verdict
     assert "reads the image" in verdict and "oracle" in verdict
     assert "| Effusion | 10 |" in md and "| Effusion | p1 | Small left effusion. | x |" in md
+
+
+# ------------------------------------------------------------------------- the guided decoder (--report-decoder)
+
+def test_f1_thresholds_equal_brute_force_over_random_draws():
+    """The chosen cut scores the best F1 of every possible cut (brute force over the distinct scores), ties in
+    scores included, and lies strictly between two scores; nan rows are ignored; a label with no positive gets
+    the probability's own cut, 0.5."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        y = (rng.random((n, 3)) < rng.random(3)).astype(float)
+        s = np.round(rng.random((n, 3)) + y * rng.random(), 1)          # coarse: many tied scores
+        y[rng.random((n, 3)) < 0.1] = np.nan
+        thr = R.f1_thresholds(y, s)
+        for j in range(3):
+            k = np.isfinite(y[:, j])
+            yj, sj = y[k, j] > 0.5, s[k, j]
+            if not yj.any():
+                assert thr[j] == (0.5 if k.any() else np.inf)
+                continue
+            f1 = lambda t: 2 * (yj & (sj >= t)).sum() / ((sj >= t).sum() + yj.sum())  # noqa: E731
+            assert np.isclose(f1(thr[j]), max(f1(t) for t in np.unique(sj)))
+            assert thr[j] == sj.min() or thr[j] not in sj
+
+
+def guided_args(**kw):
+    a = vars(args_for(report_epochs=25))
+    a.update(report_decoder="guided", report_head="grid", grid=2, epochs=30, n_boot=50, report_min_count=1,
+             report_section="findings", report_prefix="tokens", report_grid=2)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_guided_system_reads_the_image_and_the_checks_tell(toy):
+    """report_task with --report-decoder guided on the toy set: the encoder whose tokens hold the findings writes
+    them (CE F1 macro > 0.6), one whose tokens are noise stays at the level of the no-image prior, the shuffled
+    system falls, the prior states every finding with positives for every patient, and the verdict says so."""
+    texts, labels, feats, vocab, ids, tr, va, te = toy
+    n = len(texts)
+    split = np.array(["train"] * 112 + ["val"] * 24 + ["test"] * 24)
+    data = {"split": split, "patients": np.array([f"p{i}" for i in range(n)]), "ids": [f"i{i}" for i in range(n)]}
+    noise = torch.randn(n, 4, 8, generator=torch.Generator().manual_seed(1))
+    fe = {(k, 32): {"tokens": t, "pooled": t.mean(1)} for k, t in (("jepa", feats), ("random", noise))}
+    r, examples = R.report_task(data, texts, fe, ["jepa", "random"], 32, guided_args(), CPU, lambda m: None)
+    s = r["systems"]
+    assert s["oracle/greedy"]["ce_f1_macro"] > 0.8
+    assert s["jepa/greedy"]["ce_f1_macro"] > 0.6
+    assert s["shuffled-jepa/greedy"]["ce_f1_macro"] < s["jepa/greedy"]["ce_f1_macro"] - 0.3
+    assert s["random/greedy"]["ce_f1_macro"] < s["jepa/greedy"]["ce_f1_macro"] - 0.3
+    assert s["none/greedy"]["ce_f1_macro"] < 0.2                          # the decoder alone: the template
+    prior = s["prior/greedy"]["ce_per_label"]        # every finding with val positives, for every patient
+    val_pos = dict(zip(R.LABELER_FINDINGS, labels[va].sum(0).tolist()))
+    assert {n: e["n_pred"] for n, e in prior.items()} == {n: 24 if val_pos[n] else 0 for n in prior}
+    assert r["decoders"]["jepa"]["head"] == "grid" and r["config"]["report_decoder"] == "guided"
+    assert set(r["vs"]["jepa/beam3"]) >= {"random/beam3", "none/beam3", "prior/beam3", "shuffled-jepa/beam3"}
+    assert "prior/beam3" in r["vs"]["shuffled-jepa/beam3"]
+    verdict = R.report_verdict(r)
+    assert "significantly better than random init" in verdict and "reads the image" in verdict

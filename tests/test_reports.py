@@ -380,20 +380,27 @@ SMALL = ["--report-epochs", "2", "--report-width", "32", "--report-layers", "1",
          "--n-boot", "30", "--batch-size", "16"]
 
 
-def test_eval_task_report_end_to_end(tiny):
+@pytest.mark.parametrize("decoder", ["guided", "prefix"])
+def test_eval_task_report_end_to_end(tiny, decoder):
     data, ckpt, root = tiny
-    out = root / "eval"
-    assert E.main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--task", "report"] + SMALL) == 0
+    out = root / f"eval_{decoder}"
+    assert E.main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--task", "report",
+                   "--report-decoder", decoder, "--epochs", "5"] + SMALL) == 0
     m = json.loads((out / "metrics.json").read_text())
     r = m["report"]
-    systems = {f"{e}/{d}" for e in ("jepa", "random", "pixels", "none", "oracle", "shuffled-jepa")
+    extra = ["prior"] if decoder == "guided" else []                 # no image under the guided F1 rule
+    systems = {f"{e}/{d}" for e in ["jepa", "random", "pixels", "none", "oracle", "shuffled-jepa"] + extra
                for d in ("greedy", "beam3")}
     assert set(r["systems"]) == systems | {"retrieval-jepa", "retrieval-random", "retrieval-pixels"}
     for s in r["systems"].values():
         for k in R.REPORT_METRICS:
             assert s[k] is None or 0.0 <= s[k] <= 1.0
     assert set(r["vs"]["jepa/beam3"]) == {"random/beam3", "pixels/beam3", "none/beam3", "shuffled-jepa/beam3",
-                                          "oracle/beam3", "retrieval-jepa"}
+                                          "oracle/beam3", "retrieval-jepa"} | {f"{e}/beam3" for e in extra}
+    assert r["config"]["report_decoder"] == decoder
+    if decoder == "guided":                    # one decoder (the oracle's) serves every encoder's findings head
+        assert r["decoders"]["jepa"]["head"] == "attentive" and "findings" in r["decoders"]["random"]
+        assert set(r["vs"]["shuffled-jepa/beam3"]) == {"prior/beam3"}
     assert "ce_f1_macro" in r["vs"]["jepa/beam3"]["random/beam3"]
     assert set(r["vs"]["retrieval-jepa"]) == {"retrieval-random", "retrieval-pixels"}
     assert 2 <= len(r["examples"]) <= 9 and all(e["reference"] for e in r["examples"])
