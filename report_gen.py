@@ -648,8 +648,8 @@ def report_task(data, text, feats, enc_names, size, args, device, log):
         models[name], prefixes[name] = model, prefix
     for name in enc_names if guided else ():                     # image -> findings -> the oracle's decoder
         t0 = time.time()
-        prefixes[name], info[name] = findings_head(feats[(name, size)], labels, has, data, args, device, log, name)
-        prefixes[name] = prefixes[name][:, None, :]
+        found, info[name] = findings_head(feats[(name, size)], labels, has, data, args, device, log, name)
+        prefixes[name] = found[:, None, :]                       # (N, 1, L): the oracle decoder's prefix
         models[name] = models["oracle"]
         generate(name, models[name], prefixes[name])
         info[name]["seconds"] = round(time.time() - t0, 1)
@@ -662,8 +662,8 @@ def report_task(data, text, feats, enc_names, size, args, device, log):
         shuffled = prefixes["jepa"].clone()
         shuffled[te] = prefixes["jepa"][perm]
         generate("shuffled-jepa", models["jepa"], shuffled)
-    order = [f"{n}/" for n in enc_names + ["none", "prior", "oracle", "shuffled-jepa"]]
-    hyps = dict(sorted(hyps.items(), key=lambda kv: next(i for i, o in enumerate(order) if kv[0].startswith(o))))
+    rank = {n: i for i, n in enumerate(enc_names + ["none", "prior", "oracle", "shuffled-jepa"])}  # table order
+    hyps = dict(sorted(hyps.items(), key=lambda kv: rank[kv[0].split("/")[0]]))
     for name in enc_names:
         near = nearest_train(feats[(name, size)]["tokens"], tr, te)
         hyps[f"retrieval-{name}"] = [tokenize(text[i]) for i in near]

@@ -117,8 +117,8 @@ def main(argv=None):
             shutil.copyfile(os.path.join(run_dir, "ckpt.pt"), ck + ".tmp")
             os.replace(ck + ".tmp", ck)
         ev = os.path.join(out, f"eval_{at}")
-        done = plumbing.read_json(os.path.join(ev, "metrics.json")) if os.path.exists(
-            os.path.join(ev, "metrics.json")) else {}   # (eval.py rewrites it after each task)
+        metrics = os.path.join(ev, "metrics.json")         # (eval.py rewrites it after each task)
+        done = plumbing.read_json(metrics) if os.path.exists(metrics) else {}
         if "classification" not in done or ("segmentation" not in done and "cls" not in a.eval_flags):
             run(a.python, ["eval.py", "--ckpt", ck, "--data", a.eval_data, "--out", ev,
                            *shlex.split(a.eval_flags)])
