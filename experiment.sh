@@ -14,6 +14,10 @@
 #                                    # alike at 128 and 256 px -> OUT/ablation_s{steps}.md/.json; resumable. FLAGS go
 #                                    # to `python -m bench.ablate` (--steps N, --rows ID.., --list, --table-only, ...).
 #                                    # Full table at the default 200 steps: ~6 h of 2 free cores (BENCHMARKS.md §10)
+#   bash experiment.sh sigreg [OUT] [FLAGS] # issue 26: the SIGReg fork (examples/lejepa.py) against the cpu recipe,
+#                                    # both variants x lambda 0.1/1/10 x 2 seeds, 4,000 steps each, probed as the
+#                                    # ablations (bench.ablate's objective rows; resumable; ~1 h per run on 2 fp32
+#                                    # cores, so ~15 h in all: FLAGS --rows/--seeds pick a part)
 #   bash experiment.sh gpu-check OUT # GPU: kernels bench + loss curves triton/compile vs torch + end-to-end benchmark,
 #                                    # one call of <= 9 min into one flat folder (python -m bench.gpu_check)
 #
@@ -25,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 MODE="${1:-cpu}"
 OUT="${2:-runs/experiment_$MODE}"
-EXTRA=("${@:3}")  # ablate only: flags for python -m bench.ablate
+EXTRA=("${@:3}")  # ablate and sigreg only: flags for python -m bench.ablate
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 PHANTOM="${PHANTOM:-2}"
 if [ "$MODE" = gpu-check ]; then exec "$PY" -m bench.gpu_check --out "$OUT"; fi
@@ -59,7 +63,7 @@ case "$MODE" in
            --min-ctx 4 --batch-size 16 --steps 20 --warmup 4 --workers 0 --log-every 5)
     EVAL=(--img-size 128 --seg-img-size 128 --epochs 5 --seg-epochs 5 --n-boot 100 --mask-size 64 --batch-size 32
           --report-epochs 2 --report-width 32 --report-layers 1) ;;
-  cpu|cpu-long|ablate)
+  cpu|cpu-long|ablate|sigreg)
     # cpu: the recipe of BENCHMARKS.md §11's targets (all 12 met in both seeds): 4,000 steps of 64 on the pool (37
     # epochs of its 6,977 train images), warmup 10% of the steps. At 1,000-2,000 steps the tokens' effective rank was
     # still recovering from its dip at the peak LR and the attentive probe tied random init; at 4,000 it ends at ~70
@@ -82,7 +86,7 @@ case "$MODE" in
     EVAL=(--img-size 256 --seg-img-size 256 --epochs 100 --seg-epochs 30 --n-boot 1000 --mask-size 128
           --batch-size 256 --device cuda) ;;
   *)
-    echo "usage: bash experiment.sh smoke|cpu|gpu|gpu-check|ablate [OUT]" >&2; exit 2 ;;
+    echo "usage: bash experiment.sh smoke|cpu|gpu|gpu-check|ablate|sigreg [OUT]" >&2; exit 2 ;;
 esac
 
 mkdir -p "$OUT"
@@ -104,7 +108,11 @@ if [ "$POOL" -gt 0 ]; then
 fi
 stamp "data"
 
-if [ "$MODE" = ablate ]; then  # N short pretraining runs + the same probes for each, then the table
+if [ "$MODE" = sigreg ]; then  # the recipe's length; the objective rows (later flags win: --rows picks a part)
+  EXTRA=(--steps "$STEPS" --rows sigreg=0.1 sigreg=1 sigreg=10 sigreg-noema=0.1 sigreg-noema=1 sigreg-noema=10
+         "${EXTRA[@]}")
+fi
+if [ "$MODE" = ablate ] || [ "$MODE" = sigreg ]; then  # N pretraining runs + the same probes for each, the table
   "$PY" -m bench.ablate "$OUT" --data "$OUT/data" "${EXTRA[@]}" -- --data "$PRE" "${TRAIN[@]}"
   stamp "ablate"
   cat "$OUT"/ablation_s*.md

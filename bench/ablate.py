@@ -12,6 +12,8 @@ raw pixels are probed once, the same way. Layout (re-running resumes; nothing fi
   OUT/baselines/{random_<arch>|pixels_p<patch>}/result.json
   OUT/ablation_s{steps}.md / .json                the table, rebuilt from the results after every run
   OUT/rows.json                                   the rows added with --add-row
+The objective rows (sigreg=L, sigreg-noema=L: examples/lejepa.py's SIGReg fork, issue 26) run only when named with
+--rows (experiment.sh sigreg names them); they train through lejepa.forked(), which restores radjepa after the run.
 Statistics are computed at table time from the stored test scores: 95% bootstrap CIs over test patients and
 paired p-values (eval.py's docstring), with the same resamples for every row, so a row can be compared with
 any other. A row's score is the mean over its seeds (per resample too); the table also gives each seed's own
@@ -34,6 +36,7 @@ import torch
 import eval
 import plumbing
 import radjepa
+from examples import lejepa
 
 # (row id, factor, value, radjepa.py flags that change it, warmup as a fraction of --steps). Cheap rows first:
 # a partial run then has whole rows (both seeds) of the cheap factors; a 16x16-grid row costs ~4x a row.
@@ -64,8 +67,18 @@ ABLATION_ROWS = [
     ("patch=8", "patch / image size", "patch 8 at 128 px: 16x16 grid (recipe patch 16, 8x8)",
      ["--patch", "8"], 0.1),
     ("img=256", "patch / image size", "256 px, patch 16: 16x16 grid", ["--img-size", "256"], 0.1),
+    # The objective (issue 26): the worked fork examples/lejepa.py, I-JEPA masking + SIGReg, in its two variants and
+    # three weights. A row with the fork's flags trains through lejepa.forked() (restored after the run).
+    *[(f"sigreg={lam}", "objective (examples/lejepa.py)", f"smooth-L1 + {lam} x SIGReg, EMA target kept",
+       ["--sigreg-lambda", lam], 0.1) for lam in ("0.1", "1", "10")],
+    *[(f"sigreg-noema={lam}", "objective (examples/lejepa.py)",
+       f"smooth-L1 + {lam} x SIGReg instead of EMA + stop-gradient", ["--no-ema", "--sigreg-lambda", lam], 0.1)
+      for lam in ("0.1", "1", "10")],
 ]
 CLS_PROBES = ("linear", "grid", "attentive")
+# Rows that run only when named with --rows: the objective rows are a comparison of their own (experiment.sh sigreg),
+# not factors of the recipe's table, which stays as BENCHMARKS.md section 10 made it.
+OPT_IN = {r[0] for r in ABLATION_ROWS if r[1].startswith("objective")}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -95,8 +108,8 @@ def ablate_args(argv):
                         "(measured: its effective rank stayed at the random level). With it, the target "
                         "moves as far as in the recipe")
     p.add_argument("--rows", nargs="+", default=None,
-                   help="row ids to run (default: all, in the listed order; see --list); `baseline` is "
-                        "always added unless --no-baseline")
+                   help="row ids to run (default: all but the objective rows, which run only when named; "
+                        "in the listed order; see --list); `baseline` is always added unless --no-baseline")
     p.add_argument("--no-baseline", action="store_true",
                    help="with --rows: do not add the baseline row (e.g. a second seed of one row whose "
                         "baseline seed is not needed yet); the table still compares with whatever baseline "
@@ -130,7 +143,7 @@ def ablate_args(argv):
             raise plumbing.BadInput(f"unknown ablation row(s) {', '.join(bad)}; rows are: {', '.join(ids)}")
         a.rows = ["baseline"] * (not a.no_baseline) + [r for r in ids if r in a.rows and r != "baseline"]
     else:
-        a.rows = ids
+        a.rows = [r for r in ids if r not in OPT_IN]
     if a.steps < 1 or not a.seeds:
         raise plumbing.BadInput("--steps must be >= 1 and --seeds must name at least one seed")
     a.data = a.data or os.path.join(a.out, "data")
@@ -143,12 +156,14 @@ def train_config(argv, what):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
+            if lejepa.uses_fork(argv):                      # the fork's flags checked, radjepa's the same way
+                argv = lejepa.split_args(argv)[1]
             given = radjepa.parse_args(argv)
         c = radjepa.make_config(given)
         radjepa.check_masking(c)
         return c
-    except SystemExit:
-        reason = (err.getvalue().strip().splitlines() or ["bad flags"])[-1]
+    except SystemExit as e:
+        reason = (err.getvalue().strip().splitlines() or [str(e.code or "bad flags")])[-1]
         reason = reason.split("error: ", 1)[-1].removeprefix("argument ")
         raise plumbing.BadInput(f"{what}: {reason}") from None
     except ValueError as e:
@@ -208,7 +223,8 @@ def ablate(argv):
     if a.list:
         for rid, factor, value, flags, wu in a.all_rows:
             warm = "" if wu == 0.1 else f", warmup {wu:.0%}"
-            print(f"{rid:20s} {factor}: {value}  [{' '.join(flags) or '-'}{warm}]")
+            named = "  (only with --rows)" if rid in OPT_IN else ""
+            print(f"{rid:20s} {factor}: {value}  [{' '.join(flags) or '-'}{warm}]{named}")
         return 0
     lock = None
     if not a.table_only:             # one harness per OUT and run length: two would train into one checkpoint
@@ -284,7 +300,13 @@ def pretrain_and_probe(a, rid, seed, rdir, data, loaded, pargs, device, log):
     t0, c0 = time.time(), time.process_time()
     if not (os.path.isfile(ckpt) and plumbing.read_checkpoint(ckpt)["step"] >= a.steps):
         try:
-            radjepa.main(ablation_train_argv(a, rid, seed))
+            argv = ablation_train_argv(a, rid, seed)
+            if lejepa.uses_fork(argv):                          # an objective row: the fork, then restored
+                fork, argv = lejepa.split_args(argv)
+                with lejepa.forked(fork, seed=seed):
+                    radjepa.main(argv)
+            else:
+                radjepa.main(argv)
         except SystemExit as e:
             msg = str(e.code if e.code is not None else e)
             if "loss is" not in msg:                            # a bad input found late: stop, say which row
@@ -301,10 +323,12 @@ def pretrain_and_probe(a, rid, seed, rdir, data, loaded, pargs, device, log):
         enc, images, s, device, a.batch_size, desc=f"features {rid}/seed{seed} @{s}"))),
         a.probe_sizes, data, masks, pargs, device, log)
     with open(os.path.join(rdir, "log.jsonl")) as f:
-        logs = [r for r in map(json.loads, f) if "loss" in r]
+        records = [json.loads(r) for r in f]
+    logs = [r for r in records if "loss" in r]
     last = logs[-1] if logs else {}
+    objective = next((r["objective"] for r in reversed(records) if "objective" in r), None)
     result = {"row": rid, "seed": seed, "steps": a.steps, "status": "ok", "sizes": res,
-              "train_config": enc.config, "final_loss": last.get("loss"),
+              "train_config": enc.config, "objective": objective, "final_loss": last.get("loss"),
               "train_erank": last.get("target_erank"), "pretrain_seconds": round(t_pre, 1),
               "pretrain_cpu_seconds": round(c_pre, 1), "seconds": round(time.time() - t0, 1)}
     plumbing.write_json(res_path, result)

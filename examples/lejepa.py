@@ -31,8 +31,10 @@ the EMA target gets no gradient, so a regulariser on it would do nothing.
 
 What the fork changes: 13 lines of code for SIGReg (sigreg, 10; pooled, 3); objective(), radjepa.objective's
 4 lines of code rewritten as 10 (the generator, the --no-ema targets with gradients, + lambda * SIGReg);
-copy_encoder (1), radjepa.ema_update at momentum 0 for --no-ema; main() (~25 lines) parses the fork's flags,
-swaps objective (and ema_update) in, sets radjepa.OBJECTIVE and hands the rest to radjepa.main. Nothing of
+copy_encoder (1), radjepa.ema_update at momentum 0 for --no-ema; the command line (~40 lines: fork_parser,
+split_args, forked, main) parses the fork's flags, swaps objective (and ema_update) in for one run, sets
+radjepa.OBJECTIVE, hands the rest to radjepa.main and restores all three after (so bench.ablate can train the fork
+and the original in one process: its objective rows, `experiment.sh sigreg`). Nothing of
 radjepa.train_step is copied: its token weighting, --accum, DDP and optimizer step run the fork unchanged.
 Under torchrun, --no-ema is refused (untested: the DDP-wrapped encoder would run twice per backward). After
 --resume the random directions restart from --seed (they are random anyway).
@@ -40,7 +42,7 @@ Under torchrun, --no-ema is refused (untested: the DDP-wrapped encoder would run
 import argparse
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -114,31 +116,63 @@ def copy_encoder(target, online, m):
 EMA_UPDATE = radjepa.ema_update
 
 
-def main(argv=None):
-    """Parse the fork's flags, swap objective (and ema_update) in, record the objective, then
-    radjepa.main(the rest)."""
+FLAGS = ("--sigreg-lambda", "--no-ema", "--sigreg-dirs")  # the fork's own flags; the rest go to radjepa.py
+
+
+def fork_parser():
     p = argparse.ArgumentParser(add_help=False, prog="examples/lejepa.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--sigreg-lambda", type=float, default=1.0, help="weight L of SIGReg in the loss (default 1)")
     p.add_argument("--no-ema", action="store_true", help="SIGReg instead of the EMA target and stop-gradient")
     p.add_argument("--sigreg-dirs", type=int, default=256, help="random directions per SIGReg call (default 256)")
-    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if "-h" in rest or "--help" in rest:
-        p.print_help()
-        print("\nThe flags of radjepa.py follow.\n")
+    return p
+
+
+def uses_fork(argv):
+    """True when argv names one of the fork's flags (bench.ablate routes such a row through forked())."""
+    return any(a.split("=", 1)[0] in FLAGS for a in argv)
+
+
+def split_args(argv):
+    """argv -> (the fork's settings, radjepa.py's flags); a bad fork value is a one-line SystemExit."""
+    args, rest = fork_parser().parse_known_args(argv)
     if args.sigreg_lambda < 0 or args.sigreg_dirs < 1:
         raise SystemExit("error: --sigreg-lambda must be >= 0 and --sigreg-dirs >= 1")
     if args.no_ema and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("error: --no-ema runs the encoder twice per step, which DDP does not allow: one process")
-    if args.no_ema and not args.sigreg_lambda:
-        print("warning: --no-ema with --sigreg-lambda 0: nothing prevents collapse", file=sys.stderr)
-    FORK.update(lam=args.sigreg_lambda, no_ema=args.no_ema, n_dirs=args.sigreg_dirs, gen=None,
-                seed=radjepa.parse_args(rest).get("seed", 0))
+    return args, rest
+
+
+@contextmanager
+def forked(args, seed=0):
+    """Inside: radjepa.objective (and, --no-ema, ema_update) swapped for the fork's, and radjepa.OBJECTIVE (which
+    config.json, the log and loss.png show) names it. On exit all is restored, so one process can train the
+    original and forks one after the other (bench.ablate's objective rows)."""
+    saved = radjepa.objective, radjepa.ema_update, radjepa.OBJECTIVE, dict(FORK)
+    FORK.update(lam=args.sigreg_lambda, no_ema=args.no_ema, n_dirs=args.sigreg_dirs, gen=None, seed=seed)
     radjepa.objective = objective
     if args.no_ema:
         radjepa.ema_update = copy_encoder
-    radjepa.OBJECTIVE = (f"fork: smooth-L1 + {args.sigreg_lambda:g}*sigreg, "  # config.json, log, loss.png
+    radjepa.OBJECTIVE = (f"fork: smooth-L1 + {args.sigreg_lambda:g}*sigreg, "
                          f"{'no EMA/stop-grad' if args.no_ema else 'EMA target'} (examples/lejepa.py)")
-    return radjepa.main(rest)
+    try:
+        yield
+    finally:
+        radjepa.objective, radjepa.ema_update, radjepa.OBJECTIVE = saved[:3]
+        FORK.clear()
+        FORK.update(saved[3])
+
+
+def main(argv=None):
+    """Parse the fork's flags, then radjepa.main(the rest) inside forked()."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        fork_parser().print_help()
+        print("\nThe flags of radjepa.py follow.\n")
+    args, rest = split_args(argv)
+    if args.no_ema and not args.sigreg_lambda:
+        print("warning: --no-ema with --sigreg-lambda 0: nothing prevents collapse", file=sys.stderr)
+    with forked(args, seed=radjepa.parse_args(rest).get("seed", 0)):
+        return radjepa.main(rest)
 
 
 if __name__ == "__main__":

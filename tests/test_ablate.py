@@ -161,7 +161,7 @@ def test_rows_add_the_baseline_unless_told_not_to():
     recipe = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiment.sh")).read()
     assert "--lr 3e-4" in recipe  # the adopted CPU recipe (BENCHMARKS.md §10); the lr rows bracket it
     assert 'POOL=10000' in recipe and '-- --data "$PRE"' in recipe  # §11: pretraining on the unlabeled pool
-    cpu = recipe[recipe.index("  cpu|cpu-long|ablate)"):recipe.index("  gpu)")]
+    cpu = recipe[recipe.index("  cpu|cpu-long|ablate|sigreg)"):recipe.index("  gpu)")]
     assert "STEPS=4000" in cpu and '[ "$MODE" = ablate ] && STEPS=1000' in cpu  # §11's length; ablate's base (§10)
     assert '--steps "$STEPS" --warmup $((STEPS / 10))' in cpu
 
@@ -216,3 +216,35 @@ def test_eval_py_ablate_prints_the_new_command(capsys):
     assert E.main(["ablate", "OUT", "--data", "my data", "--", "--lr", "1e-3"]) == 2
     assert capsys.readouterr().err == "error: the ablation harness moved; run: python -m bench.ablate OUT --data " \
                                       "'my data' -- --lr 1e-3\n"
+
+
+def test_objective_rows_train_the_fork_and_leave_the_original_as_it_was(tiny, tmp_path, capsys):
+    """Issue 26: the objective rows (examples/lejepa.py's SIGReg variants x 3 weights) run only when named, train
+    through the fork (its objective in result.json; --no-ema: the probed target is the encoder itself), and restore
+    radjepa's objective after, so the baseline trained next in the same process is I-JEPA (its target trails)."""
+    assert A.OPT_IN == {f"sigreg{v}={lam}" for v in ("", "-noema") for lam in ("0.1", "1", "10")}
+    assert not set(A.ablate_args(["x"]).rows) & A.OPT_IN          # the recipe's factor table stays as it was
+    before = radjepa.objective, radjepa.ema_update, radjepa.OBJECTIVE
+    out = tmp_path / "o"
+    argv = [str(out), "--data", str(tiny / "data"), "--steps", "2", "--seeds", "0", "--rows", "sigreg-noema=1",
+            "--probe-sizes", "64", "--epochs", "1", "--seg-epochs", "1", "--n-boot", "30", "--mask-size", "32",
+            "--", *RECIPE]
+    assert A.main(argv[:9] + ["--no-baseline"] + argv[9:]) == 0
+    assert (radjepa.objective, radjepa.ema_update, radjepa.OBJECTIVE) == before
+    assert A.main(argv) == 0                                      # now the baseline, in the same process
+    same = {}
+    for rid in ("sigreg-noema=1", "baseline"):
+        run = out / "s2" / rid / "seed0"
+        res = json.loads((run / "result.json").read_text())
+        assert res["status"] == "ok" and res["sizes"]["64"]
+        ck = torch.load(run / "ckpt.pt", weights_only=False)
+        same[rid] = (res["objective"], all(torch.equal(ck["encoder"][k], v) for k, v in ck["target_encoder"].items()))
+    assert same == {"sigreg-noema=1": ("fork: smooth-L1 + 1*sigreg, no EMA/stop-grad (examples/lejepa.py)", True),
+                    "baseline": (radjepa.OBJECTIVE, False)}
+    assert "sigreg-noema=1" in (out / "ablation_s2.md").read_text()
+    capsys.readouterr()
+    # a bad value of the fork's own flags is one line, before anything is recorded or trained
+    assert A.main([str(tmp_path / "o3"), "--add-row", "neg", "--sigreg-lambda -1", "--", *RECIPE]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: row neg: --sigreg-lambda must be >= 0 and --sigreg-dirs >= 1"
+    assert not (tmp_path / "o3" / "rows.json").exists()
