@@ -968,8 +968,9 @@ def collapse_text(m):
 
 def verdict(m):
     """Did pretraining beat the reference encoder (random init unless --compare)? Wins and losses are the
-    significant (p < 0.05) differences of macro AUROC per classification probe and of Dice per structure.
-    Features that collapsed (collapse_text) are named, with or without a win."""
+    significant (p < 0.05) differences of macro AUROC per classification probe, of Dice per structure and,
+    when the report task ran, of its headline CE F1 macro. Features that collapsed (collapse_text) are named,
+    with or without a win."""
     ref, wins, losses = m["compare"], [], []
     # "(p = 0.012)", or at the bootstrap's floor ", p < 0.004 (the resolution of 500 resamples)"
     ptxt = lambda t: f", {p_text(t)}" if at_floor(t) else f" ({p_text(t)})"  # noqa: E731
@@ -987,6 +988,13 @@ def verdict(m):
             item = f"{st} Dice {a:.3f} vs {b:.3f}{ptxt(t['dice'])}"
             v = t["dice"]["verdict"]
             (wins if v == "better" else losses if v == "worse" else []).append(item)
+    rep = m.get("report") or {}
+    hl = report_gen().HEADLINE if rep else None                 # the decoding the report's own verdict uses
+    t = rep.get("vs", {}).get(f"{m['main']}/{hl}", {}).get(f"{ref}/{hl}", {}).get("ce_f1_macro")
+    if t:
+        a, b = (rep["systems"][f"{e}/{hl}"]["ce_f1_macro"] for e in (m["main"], ref))
+        item = f"report generation CE F1 macro {a:.3f} vs {b:.3f}{ptxt(t)}"
+        (wins if t["verdict"] == "better" else losses if t["verdict"] == "worse" else []).append(item)
     name = "random init" if ref == "random" else f"`{ref}`"
     collapse = collapse_text(m)
     if wins:

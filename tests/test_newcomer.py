@@ -90,6 +90,27 @@ def test_verdict_names_the_win_or_says_why_not():
     assert "too short" in v["text"] and "320 images (10 steps of 32" in v["text"]
 
 
+def test_verdict_counts_the_report_task():
+    """Issue 23: a `--task report` run whose JEPA reports beat random init said "No significant win over random init
+    on any task" at the top of report.md; the report's headline CE F1 macro (beam 3) is now a win or loss there."""
+    def with_report(p, verdict, only_report=False):
+        m = _metrics("n.s.", 256000)
+        if only_report:
+            m.pop("segmentation")
+        t = {"diff": 0.235, "p": p, "verdict": verdict, "resamples": 1000}
+        m["report"] = {"systems": {"jepa/beam3": {"ce_f1_macro": 0.534}, "random/beam3": {"ce_f1_macro": 0.299}},
+                       "vs": {"jepa/beam3": {"random/beam3": {"ce_f1_macro": t}}}}
+        return E.verdict(m)
+    v = with_report(0.001998, "better", only_report=True)
+    assert v["helped"] and v["text"] == ("Pretraining helped: significantly better than random init on report "
+                                         "generation CE F1 macro 0.534 vs 0.299, p < 0.002 (the resolution of "
+                                         "1000 resamples).")
+    v = with_report(0.03, "worse")
+    assert not v["helped"] and "Worse than random init on: report generation CE F1 macro 0.534 vs 0.299 (p = " \
+        "0.030)" in v["text"]
+    assert not with_report(0.4, "n.s.")["helped"]
+
+
 # ------------------------------------------------------------------------------------------------ install, bad input
 
 def test_pip_install_owns_only_its_own_name_and_imports_from_another_cwd(tmp_path):
