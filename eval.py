@@ -974,27 +974,26 @@ def verdict(m):
     ref, wins, losses = m["compare"], [], []
     # "(p = 0.012)", or at the bootstrap's floor ", p < 0.004 (the resolution of 500 resamples)"
     ptxt = lambda t: f", {p_text(t)}" if at_floor(t) else f" ({p_text(t)})"  # noqa: E731
+
+    def tally(item, v):                                        # a significant difference is a win or a loss
+        (wins if v == "better" else losses if v == "worse" else []).append(item)
     for key, r in m.get("classification", {}).items():
         t = r.get("vs", {}).get(ref, {}).get("tests", {}).get("macro", {}).get("auroc")
         if key.startswith(m["main"] + "/") and t:
             probe = key.split("/")[1]
             b = m["classification"][f"{ref}/{probe}"]["macro"]["auroc"]
-            item = f"{probe} probe macro AUROC {r['macro']['auroc']:.3f} vs {b:.3f}{ptxt(t)}"
-            (wins if t["verdict"] == "better" else losses if t["verdict"] == "worse" else []).append(item)
+            tally(f"{probe} probe macro AUROC {r['macro']['auroc']:.3f} vs {b:.3f}{ptxt(t)}", t["verdict"])
     seg = m.get("segmentation", {})
     for st, t in seg.get(m["main"], {}).get("vs", {}).get(ref, {}).items():
         if st != "mean" and t.get("dice"):
             a, b = seg[m["main"]]["dice"][st]["dice"], seg[ref]["dice"][st]["dice"]
-            item = f"{st} Dice {a:.3f} vs {b:.3f}{ptxt(t['dice'])}"
-            v = t["dice"]["verdict"]
-            (wins if v == "better" else losses if v == "worse" else []).append(item)
+            tally(f"{st} Dice {a:.3f} vs {b:.3f}{ptxt(t['dice'])}", t["dice"]["verdict"])
     rep = m.get("report") or {}
     hl = report_gen().HEADLINE if rep else None                 # the decoding the report's own verdict uses
     t = rep.get("vs", {}).get(f"{m['main']}/{hl}", {}).get(f"{ref}/{hl}", {}).get("ce_f1_macro")
     if t:
         a, b = (rep["systems"][f"{e}/{hl}"]["ce_f1_macro"] for e in (m["main"], ref))
-        item = f"report generation CE F1 macro {a:.3f} vs {b:.3f}{ptxt(t)}"
-        (wins if t["verdict"] == "better" else losses if t["verdict"] == "worse" else []).append(item)
+        tally(f"report generation CE F1 macro {a:.3f} vs {b:.3f}{ptxt(t)}", t["verdict"])
     name = "random init" if ref == "random" else f"`{ref}`"
     collapse = collapse_text(m)
     if wins:

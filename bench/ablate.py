@@ -300,13 +300,8 @@ def pretrain_and_probe(a, rid, seed, rdir, data, loaded, pargs, device, log):
     t0, c0 = time.time(), time.process_time()
     if not (os.path.isfile(ckpt) and plumbing.read_checkpoint(ckpt)["step"] >= a.steps):
         try:
-            argv = ablation_train_argv(a, rid, seed)
-            if lejepa.uses_fork(argv):                          # an objective row: the fork, then restored
-                fork, argv = lejepa.split_args(argv)
-                with lejepa.forked(fork, seed=seed):
-                    radjepa.main(argv)
-            else:
-                radjepa.main(argv)
+            argv = ablation_train_argv(a, rid, seed)        # an objective row trains the fork (restored after)
+            (lejepa.main if lejepa.uses_fork(argv) else radjepa.main)(argv)
         except SystemExit as e:
             msg = str(e.code if e.code is not None else e)
             if "loss is" not in msg:                            # a bad input found late: stop, say which row
