@@ -6,11 +6,16 @@ random images already on the device, beside an official-style truncation and the
     python -m bench.train_bench --smoke --out /tmp/tb   # CPU, tiny model, Triton interpreter: the script runs
     python -m bench.train_bench --device cpu --configs vitt16-b16 --paths torch official --interleave 8 \\
         --out c                                         # CPU side by side: the rows take turns, step by step
+    python -m bench.train_bench --device cpu --configs cpu-recipe --paths torch sigreg sigreg-noema \
+        --interleave 4 --steps 5 --out f                # a fork's step cost beside the original's (issue 26)
 
 Paths (--paths):
   torch            radjepa.py --kernels torch: packed tokens; attention pads to the longest sequence (SDPA + key mask)
   torch+fp32       the same in fp32 (the others use radjepa's --precision auto: bf16 on CUDA and on CPUs with native
                    bf16; the official code's autocast is CUDA-only, so on a CPU it runs fp32). Not in the default set
+  sigreg           the torch path training examples/lejepa.py's fork (SIGReg, lambda 1, EMA target kept): what a
+  sigreg-noema     fork's step costs beside the original's (--no-ema: SIGReg instead of EMA + stop-gradient, the
+                   targets encoded with gradients). Not in the default set; their FLOPs are counted as I-JEPA's
   triton           radjepa.py --kernels triton: varlen attention, fused gather and loss (kernels/)
   torch+compile    the same with --compile (Module.compile(dynamic=True) of encoder, predictor and target)
   triton+compile
@@ -68,9 +73,13 @@ CONFIGS = {
     "vitb14-b128": dict(model="vit_base", patch=14, img_size=224, batch=128, pred_width=384, pred_depth=6),
     "vitt16-b16": dict(model="vit_tiny", patch=16, img_size=224, batch=16, pred_width=384, pred_depth=6),
     "smoke": dict(model="vit_tiny", patch=16, img_size=96, batch=4, pred_width=48, pred_depth=1, min_ctx=4),
+    # experiment.sh cpu's model and batch (the recipe the SIGReg fork is compared with: the fork paths' step cost)
+    "cpu-recipe": dict(model="vit_tiny", depth=6, patch=16, img_size=128, batch=64, pred_width=96, pred_depth=3),
 }
-PATHS = ["torch", "triton", "truncate", "official", "triton+compile", "torch+compile", "torch+fp32"]
-DEFAULT_PATHS = PATHS[:-1]
+PATHS = ["torch", "triton", "truncate", "official", "triton+compile", "torch+compile", "torch+fp32",
+         "sigreg", "sigreg-noema"]
+DEFAULT_PATHS = PATHS[:-3]
+FORK_PATHS = {"sigreg": [], "sigreg-noema": ["--no-ema"]}  # examples/lejepa.py's flags (lambda 1)
 FULL_CONFIGS = ["vitb16-b128", "vitb16-b256", "vitb14-b128"]
 ROW_TIMEOUT = {"plain": 90.0, "compile": 240.0, "official": 120.0}  # seconds, on CUDA
 
@@ -121,7 +130,7 @@ class RadjepaStepper:
         import kernels
         import radjepa
         self.torch, self.rj, self.device, self.path = torch, radjepa, device, path
-        given = dict(model=cfg["model"], patch=cfg["patch"], img_size=cfg["img_size"], batch_size=cfg["batch"],
+        given = dict(model=cfg["model"], **{k: cfg[k] for k in ("depth",) if k in cfg}, patch=cfg["patch"], img_size=cfg["img_size"], batch_size=cfg["batch"],
                      pred_width=cfg["pred_width"], pred_depth=cfg["pred_depth"], seed=seed,
                      min_ctx=cfg.get("min_ctx", 10), kernels="triton" if path.startswith("triton") else "torch",
                      precision="fp32" if path.endswith("+fp32") else "auto")
@@ -157,13 +166,18 @@ class RadjepaStepper:
                                               for k in ("ctx_idx", "tgt_idx", "pred_idx", "pred_out")})
             self.batches.append(b)
         self.i = 0
+        self.fork = None  # a fork path: examples/lejepa.py's settings, swapped in around each step only
+        if path in FORK_PATHS:
+            from examples import lejepa
+            self.fork = lejepa.forked, lejepa.split_args(FORK_PATHS[path])[0]
 
     def step(self):
         b = dataclasses.replace(self.batches[self.i % len(self.batches)], imgs=self.imgs)
         self.i += 1
         b = b.to(self.device)  # per step, as in training: index copies and the two Seqs
-        return self.rj.train_step(self.encoder, self.predictor, self.target, self.opt, [b], 0.996, 0.0,
-                                  self.autocast, check=False)[0]  # one micro-batch (--accum 1): the loss
+        with self.fork[0](self.fork[1]) if self.fork else contextlib.nullcontext():  # --interleave: rows alternate
+            return self.rj.train_step(self.encoder, self.predictor, self.target, self.opt, [b], 0.996, 0.0,
+                                      self.autocast, check=False)[0]  # one micro-batch (--accum 1): the loss
 
     def tokens(self):
         """Per image: context tokens encoded, target tokens per block; and the per-step lists for the FLOPs."""

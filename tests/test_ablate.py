@@ -222,7 +222,7 @@ def test_objective_rows_train_the_fork_and_leave_the_original_as_it_was(tiny, tm
     """Issue 26: the objective rows (examples/lejepa.py's SIGReg variants x 3 weights) run only when named, train
     through the fork (its objective in result.json; --no-ema: the probed target is the encoder itself), and restore
     radjepa's objective after, so the baseline trained next in the same process is I-JEPA (its target trails)."""
-    assert A.OPT_IN == {f"sigreg{v}={lam}" for v in ("", "-noema") for lam in ("0.1", "1", "10")}
+    assert A.OPT_IN == {f"sigreg{v}={lam}" for v in ("", "-noema") for lam in ("0.01", "0.1", "1")}
     assert not set(A.ablate_args(["x"]).rows) & A.OPT_IN          # the recipe's factor table stays as it was
     before = radjepa.objective, radjepa.ema_update, radjepa.OBJECTIVE
     out = tmp_path / "o"
@@ -242,6 +242,15 @@ def test_objective_rows_train_the_fork_and_leave_the_original_as_it_was(tiny, tm
     assert same == {"sigreg-noema=1": ("fork: smooth-L1 + 1*sigreg, no EMA/stop-grad (examples/lejepa.py)", True),
                     "baseline": (radjepa.OBJECTIVE, False)}
     assert "sigreg-noema=1" in (out / "ablation_s2.md").read_text()
+    # --baseline-steps: a costlier row at fewer steps (same CPU time), compared with the baseline at its own length,
+    # which this call never trains
+    assert A.main(argv[:4] + ["1", "--baseline-steps", "2", "--no-baseline"] + argv[5:]) == 0
+    assert not (out / "s1" / "baseline").exists()
+    t1, t2 = (json.loads((out / f"ablation_s{n}.json").read_text())["rows"]["64"] for n in (1, 2))
+    assert t1["baseline"]["metrics"]["grid/auroc"]["mean"] == t2["baseline"]["metrics"]["grid/auroc"]["mean"]
+    g = t1["sigreg-noema=1"]["metrics"]["grid/auroc"]
+    assert g["vs_baseline"]["diff"] == pytest.approx(g["mean"] - t2["baseline"]["metrics"]["grid/auroc"]["mean"])
+    assert "recipe at **2 steps**" in (out / "ablation_s1.md").read_text()
     capsys.readouterr()
     # a bad value of the fork's own flags is one line, before anything is recorded or trained
     assert A.main([str(tmp_path / "o3"), "--add-row", "neg", "--sigreg-lambda -1", "--", *RECIPE]) == 2

@@ -83,6 +83,22 @@ def test_interleaved_rows_take_turns_in_one_process(tmp_path):
     assert rows["truncate"]["ctx_tokens"] < rows["truncate"]["ctx_tokens_drawn"] == rows["torch"]["ctx_tokens"]
 
 
+def test_fork_paths_train_the_fork_from_the_same_start_and_restore_radjepa():
+    """The sigreg paths (a fork's step cost beside the original's) train examples/lejepa.py's objective: from the
+    same weights, batch and masks the first loss is the original's plus SIGReg (> 0); --no-ema's target is then a
+    copy of the encoder (momentum 0) while the original's EMA target is not; radjepa is itself again after."""
+    original = radjepa.objective, radjepa.ema_update
+    st = {p: RadjepaStepper(CONFIGS["smoke"], p, torch.device("cpu")) for p in ("torch", "sigreg", "sigreg-noema")}
+    loss = {p: float(s.step()) for p, s in st.items()}
+    assert (radjepa.objective, radjepa.ema_update) == original
+    assert 0 < loss["sigreg"] - loss["torch"] < 1, loss
+    same = {p: all(torch.equal(a, b) for a, b in zip(s.encoder.state_dict().values(), s.target.state_dict().values()))
+            for p, s in st.items()}
+    assert same == {"torch": False, "sigreg": False, "sigreg-noema": True}
+    for s in st.values():
+        s.close()
+
+
 def test_gpu_check_smoke_writes_one_flat_folder(tmp_path):
     """The GPU check's plumbing on CPU: phantoms, two radjepa runs, the curve comparison and the summary. The
     candidate is the torch path itself here, so the curves must agree exactly."""
