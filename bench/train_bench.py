@@ -6,7 +6,7 @@ random images already on the device, beside an official-style truncation and the
     python -m bench.train_bench --smoke --out /tmp/tb   # CPU, tiny model, Triton interpreter: the script runs
     python -m bench.train_bench --device cpu --configs vitt16-b16 --paths torch official --interleave 8 \\
         --out c                                         # CPU side by side: the rows take turns, step by step
-    python -m bench.train_bench --device cpu --configs cpu-recipe --paths torch sigreg sigreg-noema \
+    python -m bench.train_bench --device cpu --configs cpu-recipe --paths torch sigreg sigreg-noema \\
         --interleave 4 --steps 5 --out f                # a fork's step cost beside the original's (issue 26)
 
 Paths (--paths):
@@ -130,10 +130,12 @@ class RadjepaStepper:
         import kernels
         import radjepa
         self.torch, self.rj, self.device, self.path = torch, radjepa, device, path
-        given = dict(model=cfg["model"], **{k: cfg[k] for k in ("depth",) if k in cfg}, patch=cfg["patch"], img_size=cfg["img_size"], batch_size=cfg["batch"],
+        given = dict(model=cfg["model"], patch=cfg["patch"], img_size=cfg["img_size"], batch_size=cfg["batch"],
                      pred_width=cfg["pred_width"], pred_depth=cfg["pred_depth"], seed=seed,
                      min_ctx=cfg.get("min_ctx", 10), kernels="triton" if path.startswith("triton") else "torch",
                      precision="fp32" if path.endswith("+fp32") else "auto")
+        if "depth" in cfg:  # a config shallower than its preset (cpu-recipe)
+            given["depth"] = cfg["depth"]
         c = self.c = radjepa.make_config(given)
         triton = kernels.resolve_kernels(c.kernels, device, (c.width // c.heads, c.pred_width // c.heads))
         radjepa.use_kernels(triton)
