@@ -785,13 +785,35 @@ class OnlineProbe:
         return torch.cat(out).double()
 
     @classmethod
-    def open(cls, root, size, n_train, say):
-        """The probe of root, or None after saying once why it is off."""
+    def open(cls, root, size, n_train, say, every=-1, steps=0):
+        """The probe of root, every `every` steps of a `steps`-step run (-1: 10 per run; 0: off), or None
+        (after saying once why it is off). It also probes at step 0 (the random-init reference) and at
+        the last step, and keeps its own time: run() says it, and a StepStats' img/s leaves it out."""
+        every = every if every >= 0 else max(1, steps // 10)
+        if not every:
+            return None
         why = cls.why_off(root)
         if why:
             say(f"online probe off: {why}")
             return None
-        return cls(root, size, n_train)
+        probe = cls(root, size, n_train)
+        probe.every, probe.steps, probe.seconds, probe.said, probe.t0 = every, steps, 0.0, "", time.time()
+        return probe
+
+    def maybe(self, log_path, step, encoder, autocast, stats, write=print):
+        """At step 0, every `every` steps and the last one: probe, log and write its line; its seconds
+        move stats' clock on, so the next log line's img/s counts training alone."""
+        if step % self.every and step != self.steps:
+            return
+        self.said, seconds = self.step(log_path, step, encoder, autocast)
+        self.seconds, stats.t0 = self.seconds + seconds, stats.t0 + seconds
+        write(self.said)
+
+    def cost(self):
+        """The last reading and what the probe cost (the issue's bound is 5% of a run), or ""."""
+        run = time.time() - self.t0
+        return self.said and (f"{self.said}; the probe took {self.seconds:.0f} s, "
+                              f"{100 * self.seconds / run:.1f}% of this run's time")
 
     def step(self, log_path, step, encoder, autocast=contextlib.nullcontext()):
         """Probe, append a "probe" record to log.jsonl -> (the line to print, seconds it took)."""
@@ -896,6 +918,16 @@ def plot_log(log_path, png_path, curves, w=720, ph=170):
             d.text((X(st) - 10, bot + 6), f"{st:.0f}", fill="black")
         d.text((x0 - 50, bot + 6), "step", fill="black")
     save_png(png_path, im)
+
+
+def preview_masks(png_path, dataset, collate, patch, n_targets, n=4):
+    """OUT/masks.png, once per run folder: the first n training crops (dataset[(i, g)] -> (crop, why, g))
+    with the very masks training draws for them (collate.masks_for(g)); unreadable images are left out."""
+    if os.path.exists(png_path):
+        return
+    crops = [dataset[(g % len(dataset), g)] for g in range(n)]
+    draw_masks([(x[0].numpy(), collate.masks_for(g)) for x, _, g in crops if x is not None], patch,
+               png_path, n_targets)
 
 
 def draw_masks(items, patch, png_path, n_targets):

@@ -702,22 +702,13 @@ def train(c: Config):
             precision=precision, start_step=step, end_step=end, params_encoder=n_enc,
             params_predictor=n_pred, objective=OBJECTIVE))
     # the online probe (rank 0): is the encoder learning anything useful? its step 0 is random init
-    every = c.probe_every if c.probe_every >= 0 else max(1, c.steps // 10)
-    probe = master and every and plumbing.OnlineProbe.open(c.probe_data or c.data, c.img_size,
-                                                           c.probe_images, print)
+    probe = master and plumbing.OnlineProbe.open(c.probe_data or c.data, c.img_size, c.probe_images,
+                                                 print, c.probe_every, c.steps)
     bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True)
     stats = plumbing.StepStats(next((r["target_erank"] for r in plumbing.read_log(log_path)
                                      if "target_erank" in r), None))  # a resumed run's start
-    t_run, t_probe, said = time.time(), 0.0, ""
-
-    def probe_at(at):  # the probe's seconds are kept out of the next log line's img/s
-        nonlocal t_probe, said
-        said, seconds = probe.step(log_path, at, target, autocast)
-        t_probe, stats.t0 = t_probe + seconds, stats.t0 + seconds
-        tqdm.write(said)
-
-    if probe and step == 0:
-        probe_at(0)
+    if probe and step == 0:  # its seconds are kept out of the next log line's img/s
+        probe.maybe(log_path, 0, target, autocast, stats, tqdm.write)
     skipped = plumbing.Unreadable(tqdm.write if master else None, c.data, min(10, end - step))
     with plumbing.Preemption() as sig:  # Ctrl-C, SIGTERM: the step ends, a checkpoint, one line
         for bs in plumbing.grouped(loader, c.accum):  # one step: --accum micro-batches
@@ -753,8 +744,8 @@ def train(c: Config):
                                             grad_norm=gnorm, target_erank=erank)
                 plumbing.append_jsonl(log_path, record)
                 tqdm.write(line)
-            if probe and (step % every == 0 or step == c.steps):  # not at --stop-at: as unstopped
-                probe_at(step)
+            if probe:  # at its steps (not at --stop-at: as an unstopped run)
+                probe.maybe(log_path, step, target, autocast, stats, tqdm.write)
             if step % c.ckpt_every == 0:
                 checkpoint(step)
             if bool(stop) if ddp and check else sig.signum and not ddp:  # DDP: read when all agree
@@ -764,9 +755,8 @@ def train(c: Config):
     if master and step == end:
         plumbing.plot_log(log_path, f"{c.out}/loss.png", [("loss", f"loss: {OBJECTIVE}"), *CURVES])
         print(f"done: step {step}, checkpoint {ckpt_path}")
-        if said:  # its cost: the issue's bound is 5% of the run
-            print(f"{said}; the probe took {t_probe:.0f} s, "
-                  f"{100 * t_probe / (time.time() - t_run):.1f}% of this run's time")
+        if probe and (cost := probe.cost()):
+            print(cost)
     if ddp:  # wait for rank 0's checkpoint: a rank that tears gloo down alone can abort at exit
         dist.barrier()
         dist.destroy_process_group()
@@ -822,11 +812,8 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 writes
             lock = plumbing.claim_out(c.out)
             plumbing.check_run_folder(c.out, c.resume, c.restart)
-            if not os.path.exists(png := os.path.join(c.out, "masks.png")):  # as training has them
-                ds, col = CXRDataset(paths, c), Collate(c)
-                crops = [ds[(i % len(paths), i)] for i in range(4)]  # (crop, why unreadable, g)
-                plumbing.draw_masks([(x[0].numpy(), col.masks_for(g)) for x, _, g in crops
-                                     if x is not None], c.patch, png, c.n_targets)
+            plumbing.preview_masks(os.path.join(c.out, "masks.png"), CXRDataset(paths, c), Collate(c),
+                                   c.patch, c.n_targets)  # the first crops, masked as training has them
         return train(c)
     except BadInput as e:
         raise SystemExit(f"error: {e}") from None
