@@ -17,6 +17,7 @@ Every check raises BadInput (a ValueError) with a one-line message; each script 
 import argparse
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -879,37 +880,55 @@ def read_log(log_path, type="train"):
     return [r for r in recs if r.get("type", legacy(r)) == type]
 
 
-def plot_log(log_path, png_path, curves, w=720, ph=170):
-    """log.jsonl -> a PNG with one panel per (key, title) in `curves` that every train record has, then one of
-    the online probe (its step-0 value, random init, as a dashed reference line) if the log has one: y with
-    ticks (from 0, the probe's from its range), the step on x."""
-    recs, probes = read_log(log_path), read_log(log_path, "probe")
-    panels = [(k, t, recs) for k, t in curves if all(k in r for r in recs)]  # old logs lack newer keys
-    if len(probes) >= 2:
-        panels.append(("auroc", "online probe: val macro AUROC (dashed: random init)", probes))
-    if len(recs) < 2 or not panels:
+RUN_COLOURS = [(0, 0, 128), (230, 60, 60), (60, 170, 75), (245, 150, 30), (150, 60, 200), (40, 180, 210),
+               (140, 90, 40), (120, 120, 120), (200, 80, 160), (110, 140, 30)]  # one per overlaid run
+
+
+def plot_log(logs, png_path, curves, w=720, ph=170):
+    """logs: one log.jsonl, or [(label, log.jsonl)] to overlay runs (a fork beside the original: one colour
+    each, a legend on top). -> a PNG with one panel per (key, title) in `curves` that every train record
+    has, then one of the online probe (each run's step-0 value, random init, as a dashed reference line)
+    if a run has one: y with ticks (from 0, the probe's from its range), the step on x."""
+    runs = [("", logs)] if isinstance(logs, (str, os.PathLike)) else list(logs)
+    runs = [(label, read_log(path), read_log(path, "probe")) for label, path in runs]
+    runs = [(label, recs, probes) for label, recs, probes in runs if len(recs) >= 2]
+    every = [r for _, recs, _ in runs for r in recs]
+    panels = [(k, t, 1) for k, t in curves if every and all(k in r for r in every)]  # old logs lack keys
+    if any(len(probes) >= 2 for *_, probes in runs):
+        panels.append(("auroc", "online probe: val macro AUROC (dashed: random init)", 2))
+    if not panels:
         return
-    im = Image.new("RGB", (w, ph * len(panels)), "white")
+    head = 18 * ((len(runs) + 3) // 4) if len(runs) > 1 else 0  # the legend: four runs a line
+    im = Image.new("RGB", (w, head + ph * len(panels)), "white")
     d, x0, x1 = ImageDraw.Draw(im), 60, w - 20
-    s0, s1 = min(r["step"] for _, _, rs in panels for r in rs), recs[-1]["step"]
+    for i, (label, *_) in enumerate(runs if head else ()):
+        lx, ly = x0 + (i % 4) * (x1 - x0) // 4, 4 + 18 * (i // 4)
+        d.rectangle([lx, ly + 3, lx + 14, ly + 9], fill=RUN_COLOURS[i % len(RUN_COLOURS)])
+        d.text((lx + 18, ly), label, fill="black")
+    s0 = min(r["step"] for _, recs, probes in runs for r in recs + probes[:len(probes) >= 2])
+    s1 = max(recs[-1]["step"] for _, recs, _ in runs)
     def X(s): return x0 + (s - s0) / max(1, s1 - s0) * (x1 - x0)
-    for i, (key, title, rs) in enumerate(panels):
-        ys, top, bot = [r[key] for r in rs], i * ph + 24, (i + 1) * ph - 30
-        if rs is recs:  # losses and indicators from 0
+    for i, (key, title, kind) in enumerate(panels):
+        series = [(c, rs, [r[key] for r in rs]) for c, (_, recs, probes) in zip(itertools.cycle(RUN_COLOURS), runs)
+                  for rs in [recs if kind == 1 else probes] if len(rs) >= 2]
+        ys, top, bot = [v for *_, vs in series for v in vs], head + i * ph + 24, head + (i + 1) * ph - 30
+        if kind == 1:  # losses and indicators from 0
             lo, hi = 0.0, max(ys) * 1.05 or 1.0
         else:  # AUROC: its range, with a margin
             pad = 0.1 * (max(ys) - min(ys) or 0.1)
             lo, hi = min(ys) - pad, max(ys) + pad
         def Y(v): return bot - (v - lo) / (hi - lo) * (bot - top)
-        if rs is probes and rs[0]["step"] == 0:  # the reference: the same encoder, untrained
-            for xa in np.arange(x0, x1, 12):
-                d.line([xa, Y(ys[0]), min(xa + 6, x1), Y(ys[0])], fill="gray", width=1)
-        pts = [(X(r["step"]), Y(y)) for r, y in zip(rs, ys)]
-        d.line(pts, fill="navy", width=2)
-        for p in pts if rs is probes else ():  # (the frame and ticks are drawn over them)
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill="navy")
+        for colour, rs, y in series:
+            if kind == 2 and rs[0]["step"] == 0:  # the reference: the same encoder, untrained
+                for xa in np.arange(x0, x1, 12):
+                    d.line([xa, Y(y[0]), min(xa + 6, x1), Y(y[0])], fill="gray" if not head else colour, width=1)
+            pts = [(X(r["step"]), Y(v)) for r, v in zip(rs, y)]
+            d.line(pts, fill=colour, width=2)
+            for p in pts if kind == 2 else ():  # (the frame and ticks are drawn over them)
+                d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
         d.rectangle([x0, top, x1, bot], outline="black")
-        d.text((x0, top - 16), f"{title}: {ys[0]:.4g} -> {ys[-1]:.4g}", fill="black")
+        y = series[0][2]  # one run: where it started and ended
+        d.text((x0, top - 16), title + (f": {y[0]:.4g} -> {y[-1]:.4g}" if not head else ""), fill="black")
         for v in np.linspace(lo, hi, 5):
             d.line([x0 - 4, Y(v), x0, Y(v)], fill="black")
             d.text((4, Y(v) - 5), f"{v:.3g}", fill="black")

@@ -19,6 +19,8 @@ Clone-only (not installed); run each file from the repository root:
                                                              micro-batch and --accum (--measure: on this CPU)
   probe_agreement.py python -m bench.probe_agreement OUT ...  does the online probe (--probe-every) rank a run's
                                                              checkpoints like eval.py's probes? Spearman's rho
+  curves.py          python -m bench.curves RUN... --out PNG  several runs' training curves on one picture: a
+                                                             fork beside the original (loss.png's panels)
 
 Each takes --smoke (or a tiny configuration) that runs on a CPU; its timings mean nothing. This file holds
 what several of them need: the --out check and the result writer.

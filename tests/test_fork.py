@@ -82,3 +82,46 @@ def test_fork_trains(tmp_path, monkeypatch, variant):
     header = next(r for r in records if r.get("type") == "header")  # the fork's objective is recorded
     assert "sigreg" in header["objective"] and header["objective"] == json.load(open(os.path.join(out,
                                                                                          "config.json")))["objective"]
+
+
+def _log(path, steps, loss, probes=()):
+    recs = [dict(type="header")] + [dict(type="train", step=s, loss=loss(s), target_std=0.1, target_erank=5.0)
+                                    for s in steps] + [dict(type="probe", step=s, auroc=a) for s, a in probes]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "log.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+def test_curves_overlays_runs_each_in_its_colour_and_refuses_bad_input(tmp_path, capsys):
+    """bench.curves: a fork's curves beside the original's, one colour a run, a legend on top; the x axis spans
+    the longest run (a shorter run, like a --no-ema row at fewer steps, ends early); one run draws as loss.png."""
+    import numpy as np
+    from PIL import Image
+
+    from bench import curves
+    import plumbing
+    a = _log(tmp_path / "a", range(10, 101, 10), lambda s: 1 / s, [(0, 0.5), (50, 0.6), (100, 0.7)])
+    b = _log(tmp_path / "b", range(10, 61, 10), lambda s: 2 / s)  # shorter, and no probe
+    curves.main([a, b, "--out", str(tmp_path / "ab.png"), "--labels", "orig", "fork"])
+    assert "2 runs" in capsys.readouterr().out
+    im = np.asarray(Image.open(tmp_path / "ab.png").convert("RGB")).astype(int)
+    assert im.shape[0] == 18 + 4 * 170                                      # legend + loss, std, erank, probe
+
+    def has(colour, rows):  # pixels of this exact colour in these rows
+        return bool((np.abs(im[rows] - np.array(colour)).sum(-1) == 0).any())
+    first, second = plumbing.RUN_COLOURS[:2]
+    assert has(first, slice(0, 18)) and has(second, slice(0, 18))          # both named in the legend
+    assert has(first, slice(18, 188)) and has(second, slice(18, 188))      # both in the loss panel
+    assert not has(second, slice(18 + 3 * 170, None))                      # b has no probe: none drawn for it
+    # b ends at step 60 of a's 100: its loss line stops ~60% of the way along the x axis (x0 60, x1 700)
+    cols = np.flatnonzero((np.abs(im[18:188] - np.array(second)).sum(-1) == 0).any(0))
+    assert 60 + 0.55 * 640 < cols.max() < 60 + 0.65 * 640
+    curves.main([a, "--out", str(tmp_path / "a.png")])                    # one run: loss.png's layout
+    plumbing.plot_log(os.path.join(a, "log.jsonl"), str(tmp_path / "ref.png"),
+                      [("loss", "loss (per objective)"), *radjepa.CURVES])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "ref.png")))
+    for bad, why in (([str(tmp_path / "none")], "no log.jsonl"), ([a, b, "--labels", "x"], "1 given for 2 runs"),
+                     ([a] * 11, "at most 10")):
+        with pytest.raises(SystemExit, match=why):
+            curves.main([*bad, "--out", str(tmp_path / "x.png")])
