@@ -322,7 +322,7 @@ def pretrain_and_probe(a, rid, seed, rdir, data, loaded, pargs, device, log):
             plumbing.write_json(res_path, {"row": rid, "seed": seed, "steps": a.steps, "status": "failed",
                                            "error": msg.splitlines()[0]})
             return None
-    t_pre, c_pre = time.time() - t0, time.process_time() - c0     # CPU s: comparable on a shared machine
+    c_pre = time.process_time() - c0                              # this call's CPU s (0 if trained elsewhere)
     images, masks = loaded()
     enc = radjepa.load_encoder(ckpt, device=str(device))
     res = probe_once(lambda s: dict(zip(("tokens", "pooled"), eval.extract_tokens(
@@ -335,10 +335,23 @@ def pretrain_and_probe(a, rid, seed, rdir, data, loaded, pargs, device, log):
     objective = next((r["objective"] for r in reversed(records) if "objective" in r), None)
     result = {"row": rid, "seed": seed, "steps": a.steps, "status": "ok", "sizes": res,
               "train_config": enc.config, "objective": objective, "final_loss": last.get("loss"),
-              "train_erank": last.get("target_erank"), "pretrain_seconds": round(t_pre, 1),
+              "train_erank": last.get("target_erank"), "pretrain_seconds": round(train_seconds(records), 1),
               "pretrain_cpu_seconds": round(c_pre, 1), "seconds": round(time.time() - t0, 1)}
     plumbing.write_json(res_path, result)
     return enc
+
+
+def train_seconds(records):
+    """A run's training seconds from its log.jsonl records: each log interval's images over its img/s. Every
+    resumed segment counts (the log keeps only what its checkpoint kept), the online probe and the gaps between
+    segments do not, and a run trained by another process (the harness only probes it) is timed all the same."""
+    total, prev, batch = 0.0, 0, 0
+    for r in records:
+        if r.get("type") == "header":
+            prev, batch = r.get("start_step", 0), r["config"]["batch_size"]
+        elif "loss" in r and r.get("img_per_s"):
+            total, prev = total + (r["step"] - prev) * batch / r["img_per_s"], r["step"]
+    return total
 
 
 def probe_once(make_feats, sizes, data, masks, pargs, device, log):

@@ -58,6 +58,10 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
             assert radjepa.read_checkpoint(runs / rid / f"seed{seed}" / "ckpt.pt")["step"] == 2
     log = [json.loads(x) for x in open(runs / "n_targets=2" / "seed1" / "log.jsonl")]
     assert [r["start_step"] for r in log if "start_step" in r] == [0, 1]    # one start, one resume
+    # its pretraining time counts both segments: each one step of the batch at that segment's img/s
+    res = json.loads((runs / "n_targets=2" / "seed1" / "result.json").read_text())
+    batch = log[0]["config"]["batch_size"]
+    assert res["pretrain_seconds"] == round(sum(batch / r["img_per_s"] for r in log if "loss" in r), 1) > 0
     c = radjepa.read_checkpoint(runs / "n_targets=2" / "seed0" / "ckpt.pt")["config"]
     assert c["n_targets"] == 2 and c["steps"] == 2 and c["warmup"] == 1
     # EMA compressed to the run length: 1 - 0.996 scaled by 10 / 2 steps; the end point 1.0 stays
@@ -151,6 +155,17 @@ def test_ablation_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
         assert A.main([str(tmp_path / "o2"), "--data", str(root / "data"), "--steps", "3", "--", *RECIPE]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'o2'} (python -m bench.ablate --steps 3) is in use by " \
                                       f"another process (pid 4242); wait for it or stop it\n"
+
+
+def test_train_seconds_sums_every_segment_from_the_log():
+    """pretrain_seconds comes from log.jsonl, not the harness's clock: right for a resumed run and for one that
+    another process trained (the harness then only probes it). Hand numbers: batch 64; steps 0-20 at 64 img/s
+    (logged at 10 and 20: 10 s each), a resume from the checkpoint at step 20, steps 20-30 at 32 img/s (20 s)."""
+    head = lambda start: dict(type="header", start_step=start, config=dict(batch_size=64))  # noqa: E731
+    rec = lambda step, ips: dict(type="train", step=step, loss=0.1, img_per_s=ips)          # noqa: E731
+    probe = dict(type="probe", step=20, auroc=0.6, seconds=99.0)                             # not training time
+    assert A.train_seconds([head(0), rec(10, 64), rec(20, 64), probe, head(20), rec(30, 32)]) == pytest.approx(40)
+    assert A.train_seconds([]) == 0
 
 
 def test_rows_add_the_baseline_unless_told_not_to():
