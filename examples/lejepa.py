@@ -26,11 +26,17 @@ The two variants here (loss = smooth-L1 + L * SIGReg):
                through them; the EMA is skipped (the checkpoint's target_encoder is a copy of the encoder, so
                load_encoder, eval.py and the probes read the trained encoder). --sigreg-lambda 0 with --no-ema
                has nothing against collapse: that is the run that shows it.
-SIGReg is applied to the ONLINE encoder's output, each image's mean context token ([B, D] per micro-batch):
-the EMA target gets no gradient, so a regulariser on it would do nothing.
+SIGReg is applied to each image's mean token ([B, D] per micro-batch) of every view that gets gradients, as
+LeJEPA regularises every view. With the EMA target that is the context view alone (the target gets no gradient:
+a regulariser on it would do nothing). With --no-ema the whole-image view, which makes the targets, has
+gradients too, so SIGReg is the mean over both views. Regularising the context view alone leaves a shortcut,
+and training finds it (BENCHMARKS.md section 17): the encoder tells a masked view from a whole one, keeps the
+context view Gaussian (SIGReg 0.05) and maps every whole image to nearly one embedding (std 0.02 across images,
+SIGReg 1.1), so the targets are constant, trivially predicted, and the probes read random-init levels.
 
 What the fork changes: 13 lines of code for SIGReg (sigreg, 10; pooled, 3); objective(), radjepa.objective's
-4 lines of code rewritten as 10 (the generator, the --no-ema targets with gradients, + lambda * SIGReg);
+4 lines of code rewritten as 13 (the generator, the --no-ema targets with gradients, + lambda * SIGReg of
+each view that has gradients);
 copy_encoder (1), radjepa.ema_update at momentum 0 for --no-ema; the command line (~40 lines: fork_parser,
 split_args, forked, main) parses the fork's flags, swaps objective (and ema_update) in for one run, sets
 radjepa.OBJECTIVE, hands the rest to radjepa.main and restores all three after (so bench.ablate can train the fork
@@ -103,7 +109,10 @@ def objective(enc, pred, target, b, target_blocks=1):
     # --no-ema: the torch loss (the Triton one gives the targets no gradient and refuses one that needs it)
     loss = (radjepa.jepa_loss_torch if FORK["no_ema"] else radjepa.OPS["loss"])(pred(ctx, b), h, b.tgt_idx)
     if FORK["lam"]:
-        loss = loss + FORK["lam"] * sigreg(pooled(ctx, b), FORK["n_dirs"], gen=FORK["gen"])
+        reg = sigreg(pooled(ctx, b), FORK["n_dirs"], gen=FORK["gen"])  # the context view
+        if FORK["no_ema"]:  # the whole-image view carries gradients too: regularise it as well, or it collapses
+            reg = (reg + sigreg(h.float().mean(1), FORK["n_dirs"], gen=FORK["gen"])) / 2
+        loss = loss + FORK["lam"] * reg
     return loss, h.detach()
 
 

@@ -60,6 +60,40 @@ def test_sigreg_permutation_invariant_and_differentiable():
     assert abs(w.std().item() - 1) < 0.2 and abs(w.mean().item()) < 0.1
 
 
+@pytest.mark.parametrize("no_ema", [False, True], ids=["sigreg+ema", "sigreg-no-ema"])
+def test_sigreg_regularises_every_view_that_has_gradients(no_ema):
+    """The fork's loss, term by term, from the same models, batch and directions: I-JEPA's loss (with --no-ema,
+    against the encoder's own targets) + lambda x SIGReg of each image's mean token. With the EMA target that is
+    the context view alone; with --no-ema the mean over the context and the whole-image views, because the
+    whole-image view (the targets) has gradients too: regularising the context alone let a --no-ema run collapse
+    every whole image to one embedding (BENCHMARKS.md section 17)."""
+    from test_radjepa import tiny_models
+    enc, pred = tiny_models()
+    target = tiny_models()[0].requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    imgs = torch.rand(8, 1, 96, 96, generator=gen)
+    b = radjepa.pack_masks([radjepa.sample_masks(gen, (6, 6), 4, min_ctx=4) for _ in range(8)], 36).to("cpu")
+    b.imgs = imgs
+    lam = 0.5
+    old = dict(lejepa.FORK)
+    try:
+        lejepa.FORK.update(lam=lam, no_ema=no_ema, n_dirs=64, seed=7, gen=None)
+        loss, h = lejepa.objective(enc, pred, target, b)
+        d = torch.Generator().manual_seed(7)                               # the fork's directions, redrawn
+        ctx = enc(imgs, b.ctx_idx, b.ctx_seqs)
+        full = (enc if no_ema else target)(imgs)                           # [B, N, D] the targets' view
+        views = [lejepa.pooled(ctx, b)] + [full.mean(1)] * no_ema
+        reg = sum(lejepa.sigreg(v, 64, gen=d) for v in views) / len(views)
+        ref = radjepa.jepa_loss_torch(pred(ctx, b), full, b.tgt_idx) + lam * reg
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.allclose(h, full.detach())
+        # with --no-ema the whole-image view's term is really there: it differs from the context view's
+        assert not no_ema or abs(reg.item() - lejepa.sigreg(views[0], 64, gen=torch.Generator().manual_seed(7))) > 1e-4
+    finally:
+        lejepa.FORK.clear()
+        lejepa.FORK.update(old)
+
+
 @pytest.mark.parametrize("variant", [[], ["--no-ema"]], ids=["sigreg+ema", "sigreg-no-ema"])
 def test_fork_trains(tmp_path, monkeypatch, variant):
     monkeypatch.setattr(radjepa, "objective", radjepa.objective)  # the fork swaps them (and must restore them)
