@@ -21,6 +21,8 @@ Clone-only (not installed); run each file from the repository root:
                                                              checkpoints like eval.py's probes? Spearman's rho
   curves.py          python -m bench.curves RUN... --out PNG  several runs' training curves on one picture: a
                                                              fork beside the original (loss.png's panels)
+  views.py           python -m bench.views CKPT... --data DIR  has a view collapsed? each image's mean token per
+                                                             view (context, whole image): std, SIGReg
 
 Each takes --smoke (or a tiny configuration) that runs on a CPU; its timings mean nothing. This file holds
 what several of them need: the --out check and the result writer.

@@ -159,3 +159,32 @@ def test_curves_overlays_runs_each_in_its_colour_and_refuses_bad_input(tmp_path,
                      ([a] * 11, "at most 10")):
         with pytest.raises(SystemExit, match=why):
             curves.main([*bad, "--out", str(tmp_path / "x.png")])
+
+
+def test_views_tells_a_collapsed_whole_image_view_from_a_working_one(tmp_path):
+    """bench.views: each image's mean token per view, for the online and the target encoder. An encoder made blind
+    to the pixels (patch embedding zeroed: every whole image gives the same tokens) must read std 0 and a high
+    SIGReg on the whole-image view, while its context view still varies (the masks differ per image), and the
+    trained checkpoint it came from must not read collapsed. Bad input is one line."""
+    from bench import views
+    data, out = blob_images(str(tmp_path / "data")), str(tmp_path / "run")
+    radjepa.main(["--data", data, "--out", out, "--steps", "2", *TINY])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    for k in ("encoder", "target_encoder"):
+        ck[k]["patch_embed.weight"].zero_()
+    blind = str(tmp_path / "blind.pt")
+    torch.save(ck, blind)
+    views.main([os.path.join(out, "ckpt.pt"), blind, "--data", data, "--images", "12", "--random-init",
+                "--out", str(tmp_path / "v")])
+    res = json.load(open(tmp_path / "v" / "views.json"))
+    assert [r["encoder"] for r in res["rows"]] == ["random init", "online", "target", "online", "target"]
+    assert (tmp_path / "v" / "views.md").read_text().count("| 2 |") == 5
+    blinds = [r["views"] for r in res["rows"] if r["ckpt"] == blind]
+    works = [r["views"] for r in res["rows"] if r["ckpt"] != blind]
+    for v in blinds:
+        assert v["whole image"]["std"] < 1e-5 and v["context"]["std"] > 1e-3
+        assert v["whole image"]["sigreg"] > max(w["whole image"]["sigreg"] for w in works)
+    assert min(w["whole image"]["std"] for w in works) > 1e-2
+    for bad, why in ((["--images", "1"], ">= 2"), (["--data", str(tmp_path / "none")], "not a folder")):
+        with pytest.raises(SystemExit, match=why):
+            views.main([blind, "--data", data, *bad])
