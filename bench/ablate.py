@@ -74,8 +74,8 @@ ABLATION_ROWS = [
     *[(f"sigreg={lam}", "objective (examples/lejepa.py)", f"smooth-L1 + {lam} x SIGReg, EMA target kept",
        ["--sigreg-lambda", lam], 0.1) for lam in ("0.01", "0.1", "1")],
     *[(f"sigreg-noema={lam}", "objective (examples/lejepa.py)",
-       f"smooth-L1 + {lam} x SIGReg instead of EMA + stop-gradient", ["--no-ema", "--sigreg-lambda", lam], 0.1)
-      for lam in ("0.01", "0.1", "1")],
+       f"smooth-L1 + {lam} x SIGReg of both views instead of EMA + stop-gradient",
+       ["--no-ema", "--sigreg-lambda", lam], 0.1) for lam in ("0.01", "0.1", "1")],
 ]
 CLS_PROBES = ("linear", "grid", "attentive")
 # Rows that run only when named with --rows: the objective rows are a comparison of their own (experiment.sh sigreg),
