@@ -789,7 +789,7 @@ class OnlineProbe:
     def open(cls, root, size, n_train, say, every=-1, steps=0):
         """The probe of root, every `every` steps of a `steps`-step run (-1: 10 per run; 0: off), or None
         (after saying once why it is off). It also probes at step 0 (the random-init reference) and at
-        the last step, and keeps its own time: run() says it, and a StepStats' img/s leaves it out."""
+        the last step, and keeps its own time: cost() says it, and a StepStats' img/s leaves it out."""
         every = every if every >= 0 else max(1, steps // 10)
         if not every:
             return None
