@@ -196,6 +196,12 @@ def load_image(path):
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
+def load_whole(path, size):
+    """An image file -> the whole image resized to size x size (bilinear), float32 in [0, 1] (the online probe's
+    and bench.views' input; training crops instead). Unreadable: BadImage."""
+    return np.asarray(Image.fromarray(load_image(path), mode="F").resize((size, size), Image.BILINEAR)).clip(0, 1)
+
+
 def list_image_files(root, out=None):
     """Every image file under `root` (links followed, each real folder and file once: a loop or a link back up
     adds nothing), except inside `out`, whose pictures are not data. -> sorted paths."""
@@ -750,10 +756,9 @@ class OnlineProbe:
             imgs, ys = [], []
             for r in rs:
                 try:
-                    img = load_image(os.path.join(root, r["image"]))
+                    imgs.append(load_whole(os.path.join(root, r["image"]), size))
                 except BadImage:  # training names unreadable files; the probe only leaves them out
                     continue
-                imgs.append(np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR)))
                 ys.append(r["labels"])
             if not imgs:
                 raise BadInput(f"online probe: no readable {split} image in {root}")

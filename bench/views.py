@@ -25,7 +25,6 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
 
 if __package__ in (None, ""):  # `python bench/views.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,15 +39,14 @@ def load_images(data, n, size):
     imgs = []
     for path in plumbing.list_images(data):
         try:
-            img = plumbing.load_image(path)
+            imgs.append(plumbing.load_whole(path, size))
         except plumbing.BadImage:
             continue
-        imgs.append(np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR)))
         if len(imgs) == n:
             break
     if len(imgs) < 2:
         raise plumbing.BadInput(f"{data}: {len(imgs)} readable image(s); the spread across images needs >= 2")
-    return torch.from_numpy(np.stack(imgs).astype(np.float32).clip(0, 1))[:, None]
+    return torch.from_numpy(np.stack(imgs))[:, None]
 
 
 @torch.no_grad()
@@ -61,11 +59,13 @@ def view_stats(enc, imgs, batch):
 
 
 def measure(ckpts, data, n, random_init=False):
-    rows = []
+    rows, by_size = [], {}  # the images are read once per training size
     for i, path in enumerate(ckpts):
         ck = radjepa.read_checkpoint(path)
         c = radjepa.make_config({}, ck["config"])
-        imgs = load_images(data, n, c.img_size)
+        if c.img_size not in by_size:
+            by_size[c.img_size] = load_images(data, n, c.img_size)
+        imgs = by_size[c.img_size]
         col = radjepa.Collate(c)  # training's masks of global samples 0..n-1, as the run drew them
         batch = radjepa.pack_masks([col.masks_for(g) for g in range(len(imgs))], c.grid[0] * c.grid[1]).to("cpu")
         enc = radjepa.load_encoder(path)  # the target encoder, eval mode
