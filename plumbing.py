@@ -744,8 +744,9 @@ class OnlineProbe:
 
     PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0)  # x mean squared norm of a feature row
 
-    def __init__(self, root, size, n_train):
-        """root: a prepared folder (labels.csv). Check first with why_off(root)."""
+    def __init__(self, root, size, n_train, every=0, steps=0):
+        """root: a prepared folder (labels.csv); check first with why_off(root). every, steps: the
+        schedule maybe() follows (open() sets it); calling the probe itself needs neither."""
         import torch
         info = read_labels(root)
         rows = {s: [r for r in info["rows"] if r["split"] == s] for s in ("train", "val")}
@@ -764,6 +765,7 @@ class OnlineProbe:
                 raise BadInput(f"online probe: no readable {split} image in {root}")
             self.x[split] = torch.from_numpy(np.stack(imgs).astype(np.float32).clip(0, 1))[:, None]
             self.y[split] = np.array(ys, np.float64)  # nan = unknown
+        self.every, self.steps, self.seconds, self.said, self.t0 = every, steps, 0.0, "", time.time()
 
     @staticmethod
     def why_off(root):
@@ -802,9 +804,7 @@ class OnlineProbe:
         if why:
             say(f"online probe off: {why}")
             return None
-        probe = cls(root, size, n_train)
-        probe.every, probe.steps, probe.seconds, probe.said, probe.t0 = every, steps, 0.0, "", time.time()
-        return probe
+        return cls(root, size, n_train, every, steps)
 
     def maybe(self, log_path, step, encoder, autocast, stats, write=print):
         """At step 0, every `every` steps and the last one: probe, log and write its line; its seconds
