@@ -116,7 +116,7 @@ if [ "$MODE" = sigreg ]; then  # seed 0 of every weight, then seed 1 of each var
   ABL=("$PY" -m bench.ablate "$OUT" --data "$OUT/data")
   RECIPE=(-- --data "$PRE" "${TRAIN[@]}")
   "${ABL[@]}" --steps "$STEPS" --rows sigreg=0.01 sigreg=0.1 sigreg=1 --seeds 0 "${EXTRA[@]}" "${RECIPE[@]}"
-  "${ABL[@]}" --steps "$NOEMA" --baseline-steps "$STEPS" --rows sigreg-noema=0.01 sigreg-noema=0.1 sigreg-noema=1 \
+  "${ABL[@]}" --steps "$NOEMA" --baseline-steps "$STEPS" --rows sigreg-noema=0.1 sigreg-noema=1 sigreg-noema=10 \
     --seeds 0 "${EXTRA[@]}" "${RECIPE[@]}"
   # each variant's weight for seed 1: the best seed-0 mean of linear, grid, attentive AUROC and Dice at 256 px (a
   # choice made on the test split, so seed 1 is the clean check of it)
