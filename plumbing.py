@@ -544,15 +544,18 @@ class Preemption:
     """Ctrl-C (SIGINT) and SIGTERM (what SLURM, timeouts and spot machines send) during training: the first
     is noted, and the run finishes its step, checkpoints and stops in one line (`requested` rides on the
     step's all-reduce, so every process of a torchrun job stops after the same step). A second Ctrl-C stops
-    at once. Handlers are ours only in the main thread of a process whose Ctrl-C is Python's default."""
+    at once. Each handler is ours only in the main thread, and only where that signal's handler is still the
+    default: a job started in the background by a script (`nohup python radjepa.py ... &`) has Ctrl-C
+    ignored, and must still checkpoint on the SIGTERM of a plain `kill`."""
+
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self):
         self.signum, self.old = 0, {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.old = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self.note) for s, d in self.DEFAULTS.items() if signal.getsignal(s) is d}
         return self
 
     def note(self, signum, frame):
