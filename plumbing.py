@@ -766,7 +766,7 @@ class OnlineProbe:
                 ys.append(r["labels"])
             if not imgs:
                 raise BadInput(f"online probe: no readable {split} image in {root}")
-            self.x[split] = torch.from_numpy(np.stack(imgs).astype(np.float32).clip(0, 1))[:, None]
+            self.x[split] = torch.from_numpy(np.stack(imgs))[:, None]  # load_whole: float32 in [0, 1]
             self.y[split] = np.array(ys, np.float64)  # nan = unknown
         self.every, self.steps, self.seconds, self.said, self.t0 = every, steps, 0.0, "", time.time()
 
