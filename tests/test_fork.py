@@ -118,6 +118,19 @@ def test_fork_trains(tmp_path, monkeypatch, variant):
                                                                                          "config.json")))["objective"]
 
 
+def test_sigreg_lambda_default_is_each_variants_best_measured_weight():
+    """--sigreg-lambda defaults to the weight BENCHMARKS section 17 found best for the variant (0.01 with the EMA,
+    1 without); an explicit weight, 0 included, is kept; a negative one is a one-line error."""
+    def lam(argv):
+        args, rest = lejepa.split_args(argv + ["--steps", "3"])
+        assert rest == ["--steps", "3"]
+        return args.sigreg_lambda
+    assert lam([]) == 0.01 and lam(["--no-ema"]) == 1.0
+    assert lam(["--sigreg-lambda", "0.5"]) == 0.5 and lam(["--no-ema", "--sigreg-lambda=0"]) == 0.0
+    with pytest.raises(SystemExit, match="--sigreg-lambda must be >= 0"):
+        lejepa.split_args(["--sigreg-lambda", "-1"])
+
+
 def _log(path, steps, loss, probes=()):
     recs = [dict(type="header")] + [dict(type="train", step=s, loss=loss(s), target_std=0.1, target_erank=5.0)
                                     for s in steps] + [dict(type="probe", step=s, auroc=a) for s, a in probes]
