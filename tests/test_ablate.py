@@ -61,7 +61,8 @@ def test_ablation_table_end_to_end_and_resume(tiny, capsys):
     # its pretraining time counts both segments: each one step of the batch at that segment's img/s
     res = json.loads((runs / "n_targets=2" / "seed1" / "result.json").read_text())
     batch = log[0]["config"]["batch_size"]
-    assert res["pretrain_seconds"] == round(sum(batch / r["img_per_s"] for r in log if "loss" in r), 1) > 0
+    seconds = sum(batch / r["img_per_s"] for r in log if "loss" in r)
+    assert res["pretrain_seconds"] == round(seconds, 1) and seconds > 0  # 2 tiny steps can round to 0.0 s
     c = radjepa.read_checkpoint(runs / "n_targets=2" / "seed0" / "ckpt.pt")["config"]
     assert c["n_targets"] == 2 and c["steps"] == 2 and c["warmup"] == 1
     # EMA compressed to the run length: 1 - 0.996 scaled by 10 / 2 steps; the end point 1.0 stays
