@@ -281,8 +281,8 @@ def test_ctrl_c_or_sigterm_mid_step_checkpoints_that_step_and_resumes_exactly(tm
 @pytest.mark.parametrize("background", [False, True])
 def test_sigterm_to_a_running_process_is_one_line_and_a_checkpoint(tmp_path, background):
     """A real `kill -TERM` to `python radjepa.py` mid-run: exit code 143, stderr ends in one line (no traceback),
-    and the checkpoint holds the last finished step. background: launched as `nohup ... &` in a script launches it,
-    with Ctrl-C ignored (a version that took over SIGTERM only where Ctrl-C was Python's default died at once
+    and the checkpoint holds the last finished step. background: the run is started by a script as `nohup ... &`,
+    so Ctrl-C is ignored (a version that took over SIGTERM only where Ctrl-C was Python's default died at once
     there, losing every step since the last --ckpt-every)."""
     import time
     data, out = images(tmp_path / "d", n=8), tmp_path / "o"
