@@ -79,7 +79,7 @@ CONFIGS = {
 PATHS = ["torch", "triton", "truncate", "official", "triton+compile", "torch+compile", "torch+fp32",
          "sigreg", "sigreg-noema"]
 DEFAULT_PATHS = PATHS[:-3]
-FORK_PATHS = {"sigreg": [], "sigreg-noema": ["--no-ema"]}  # examples/lejepa.py's flags (lambda 1)
+FORK_PATHS = {"sigreg": ["--sigreg-lambda", "1"], "sigreg-noema": ["--no-ema", "--sigreg-lambda", "1"]}  # lejepa flags
 FULL_CONFIGS = ["vitb16-b128", "vitb16-b256", "vitb14-b128"]
 ROW_TIMEOUT = {"plain": 90.0, "compile": 240.0, "official": 120.0}  # seconds, on CUDA
 
