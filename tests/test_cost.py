@@ -109,13 +109,24 @@ def test_cli_writes_the_tables(tmp_path, monkeypatch):
     assert (d["batch"], d["steps"]) == (radjepa.Config.batch_size, radjepa.Config.steps)
 
 
-def test_measure_runs_real_steps_in_fresh_processes():
-    """--measure's path on a tiny model: two micro-batches, one real training step each, one bf16 forward."""
+@pytest.mark.parametrize("native", ["fp32", "bf16"])
+def test_measure_runs_real_steps_in_fresh_processes(native, monkeypatch):
+    """--measure's path on a tiny model: two micro-batches, one real training step each, and on a CPU without native
+    bf16 one bf16 forward for the bf16 / fp32 ratio. Both kinds of CPU are made on any machine (bf16 autocast runs,
+    emulated, where it is not native): the steps run in what resolve_precision("auto") says, and a CPU whose own
+    precision is bf16 has measured in bf16 already, so its ratio is 1 (on one such machine this test, then without
+    the parametrisation, asserted < 1 and failed)."""
+    import kernels
+    monkeypatch.setattr(kernels, "resolve_precision", lambda *a, **k: native)
     m = cost.measure(dict(TINY, batch_size=1), (1, 2), steps=1, log=lambda s: None)
+    assert m["precision"] == native
     assert m["micro_batches"] == [1, 2] and len(m["peak_rss"]) == 2 and all(r > 0 for r in m["peak_rss"])
     for k in ("saved_attention", "saved_other"):
         assert m[k][1] > m[k][0] > 0                               # saved activations grow with the micro-batch
-    assert 0 < m["bf16_ratio"] < 1                                  # bf16 autocast saves fewer bytes
+    if native == "bf16":                                           # measured under bf16 autocast: nothing to scale
+        assert m["bf16_ratio"] == 1 and m["bf16_other"] == m["saved_other"][0]
+    else:
+        assert 0 < m["bf16_ratio"] < 1                              # bf16 autocast saves fewer bytes
     c = cost.config(TINY)
     est = cost.gpu_slope(m, c, 10.0, 4.0)
     assert est["total"] == pytest.approx(est["rest"] + est["attention"])
