@@ -232,3 +232,13 @@ def test_every_name_the_readme_points_to_exists():
     for path in set(re.findall(r"`((?:bench|kernels|tests|examples)/\w+\.py)`", text)):
         assert os.path.isfile(os.path.join(REPO, path)), path
     assert "TRAINING STEP BEGIN" not in text
+
+
+def test_the_readme_gives_radjepa_pys_true_length():
+    """The README's first paragraph states radjepa.py's length; it said 840 while the file had 828 lines."""
+    import re
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    stated = re.search(r"one file of ([\d,]+) lines", text)
+    assert stated, "README no longer states radjepa.py's length: drop this test with the claim"
+    with open(os.path.join(REPO, "radjepa.py"), encoding="utf-8") as f:
+        assert int(stated.group(1).replace(",", "")) == sum(1 for _ in f)
